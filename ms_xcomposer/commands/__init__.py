@@ -1,0 +1,1 @@
+"""One module per `ms-xcomposer` subcommand; each exposes `register(subparsers)`."""

@@ -1,0 +1,58 @@
+"""Device, execution mode and compute-dtype policy: the one place that calls `mindspore.set_context`."""
+from __future__ import annotations
+
+from typing import Optional
+
+import mindspore as ms
+
+DEVICES = ("CPU", "GPU", "Ascend")
+MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+# Compute dtypes each device runs; the first is the default. bf16 matmuls have no CPU kernel in
+# MindSpore 2.10 ("Select CPU operator[MatMul] fail"), so CPU computes in fp32 (or fp16).
+COMPUTE_DTYPES = {"CPU": ("float32", "float16"), "GPU": ("bfloat16", "float16", "float32"),
+                  "Ascend": ("bfloat16", "float16", "float32")}
+
+
+class RuntimeConfigError(ValueError):
+    """An unsupported device / mode / dtype combination."""
+
+
+def normalise_device(device: str) -> str:
+    for d in DEVICES:
+        if d.lower() == device.lower():
+            return d
+    raise RuntimeConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+
+
+def setup(device: str = "CPU", mode: str = "pynative", device_id: int = 0) -> None:
+    """Select the device (CPU, GPU, Ascend) and the mode (pynative, graph) for everything that follows."""
+    device = normalise_device(device)
+    if mode.lower() not in MODES:
+        raise RuntimeConfigError(f"unknown mode {mode!r}; expected 'pynative' or 'graph'")
+    if device == "CPU":
+        ms.set_device("CPU")
+    else:
+        ms.set_device(device, device_id)
+    ms.set_context(mode=MODES[mode.lower()])
+
+
+def current_device() -> str:
+    return ms.get_context("device_target")
+
+
+def is_graph_mode() -> bool:
+    return ms.get_context("mode") == ms.GRAPH_MODE
+
+
+def compute_dtype(name: Optional[str] = None, device: Optional[str] = None):
+    """The MindSpore dtype activations are computed in: `name` if the device supports it, else its default."""
+    device = normalise_device(device or current_device())
+    allowed = COMPUTE_DTYPES[device]
+    if name is None:
+        return DTYPES[allowed[0]]
+    if name not in DTYPES:
+        raise RuntimeConfigError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    if name not in allowed:
+        raise RuntimeConfigError(f"{device} cannot compute in {name}; it supports {', '.join(allowed)}")
+    return DTYPES[name]

@@ -1,0 +1,29 @@
+"""Packaging for ms-xcomposer: a MindSpore port of InternLM-XComposer2 (VL, 4KHD, 2.5)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ms-xcomposer",
+    version="0.1.0",
+    description="InternLM-XComposer2 family (IXC2-VL, IXC2-4KHD, IXC-2.5) on MindSpore",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["ms_xcomposer", "ms_xcomposer.*"]),
+    package_data={"ms_xcomposer": ["assets/*"]},
+    install_requires=[
+        "mindspore==2.10.0",
+        "numpy<2",
+        "pillow",
+        "sentencepiece",
+        "safetensors",
+        "ml_dtypes",
+        "tqdm",
+        "psutil",
+    ],
+    extras_require={
+        # The PyTorch side of parity checks: the project's reference model and HF's CLIPVisionModel.
+        "parity": ["torch==2.13.0", "transformers==4.57.1"],
+        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1"],
+    },
+    entry_points={"console_scripts": ["ms-xcomposer=ms_xcomposer.cli:main"]},
+)
