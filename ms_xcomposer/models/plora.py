@@ -1,0 +1,49 @@
+"""PLoRA: a linear layer with a low-rank update applied only at image-token positions.
+
+y = W x + (alpha / r) * B(A(x)) * im_mask, written as a mask multiply (no boolean indexing) so it compiles in
+GRAPH mode. IXC-2.5 checkpoints also carry task adapters `lora_{web,sft,dpo}_{A,B}`: the "web" and "write"
+inference modes add B(A(x)) of web, or of sft and dpo, at every position with no scaling (W += B @ A).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import mindspore as ms
+from mindspore import nn
+
+from ms_xcomposer.models.layers import Linear, zeros_param
+
+# Task adapters each inference mode adds; "base" adds none.
+INFER_MODES = {"base": (), "web": ("web",), "write": ("sft", "dpo")}
+
+
+class PLoRALinear(nn.Cell):
+    """Bias-free linear `weight` [out, in] plus `Plora_A` [r, in], `Plora_B` [out, r] and task adapters."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: int,
+                 task_adapters: Sequence[str] = (), task_rank: int = 256, dtype=ms.float32):
+        super().__init__()
+        self.weight = zeros_param((out_features, in_features), dtype)
+        self.Plora_A = Linear(in_features, rank, bias=False, dtype=dtype)
+        self.Plora_B = Linear(rank, out_features, bias=False, dtype=dtype)
+        self.lora_scale = alpha / rank
+        self.task_adapters = tuple(task_adapters)
+        for task in self.task_adapters:
+            setattr(self, f"lora_{task}_A", Linear(in_features, task_rank, bias=False, dtype=dtype))
+            setattr(self, f"lora_{task}_B", Linear(task_rank, out_features, bias=False, dtype=dtype))
+
+    def construct(self, x, im_mask, use_plora: bool = True, infer_mode: str = "base"):
+        """x [B, S, in] (compute dtype), im_mask [B, S, 1] (same dtype, 1 on image tokens) -> [B, S, out].
+
+        `use_plora` and `infer_mode` are compile-time constants: decode steps (no image tokens) skip the
+        low-rank branch entirely instead of multiplying it by zero.
+        """
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype)
+        y = x @ w.T
+        if infer_mode == "web":
+            y = y + self.lora_web_B(self.lora_web_A(x))
+        elif infer_mode == "write":
+            y = y + self.lora_sft_B(self.lora_sft_A(x)) + self.lora_dpo_B(self.lora_dpo_A(x))
+        if use_plora:
+            y = y + self.Plora_B(self.Plora_A(x)) * (im_mask * self.lora_scale)
+        return y

@@ -1,0 +1,70 @@
+"""Putting checkpoint tensors into a model's Parameters by name (the names are the HF keys)."""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Optional, Protocol
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+
+
+
+class WeightsError(ValueError):
+    """Checkpoint tensors that do not fit the model: missing, unexpected, or of the wrong shape."""
+
+
+class TensorSource(Protocol):
+    path: str
+
+    def keys(self) -> Iterable[str]: ...
+
+    def shape(self, key: str) -> tuple: ...
+
+    def read(self, key: str) -> np.ndarray: ...
+
+
+class DictSource:
+    """A TensorSource over an in-memory {name: array} (tests, the PyTorch reference's state dict)."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], path: str = "<memory>"):
+        self.tensors, self.path = dict(tensors), path
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, key):
+        return tuple(self.tensors[key].shape)
+
+    def read(self, key):
+        return self.tensors[key]
+
+
+def load_weights(model: nn.Cell, source: TensorSource, dtype: Optional[ms.dtype] = None) -> None:
+    """Set every Parameter of `model` from `source`, bit-exactly unless `dtype` asks for a conversion.
+
+    Raises WeightsError listing missing keys, unexpected keys and shape mismatches (all of them at once).
+    """
+    params = dict(model.parameters_and_names())
+    present = [k for k in source.keys() if not k.endswith("rotary_emb.inv_freq")]  # a buffer, not a weight
+    missing = sorted(set(params) - set(present))
+    unexpected = sorted(set(present) - set(params))
+    wrong = [f"{k}: checkpoint {tuple(source.shape(k))}, model {tuple(params[k].shape)}"
+             for k in sorted(set(present) & set(params)) if tuple(source.shape(k)) != tuple(params[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {', '.join(unexpected[:20])}"
+                        f"{' ...' if len(unexpected) > 20 else ''}")
+    if wrong:
+        problems.append("shape mismatch: " + "; ".join(wrong[:20]))
+    if problems:
+        raise WeightsError(f"checkpoint {source.path} does not fit the model: " + " | ".join(problems))
+    from ms_xcomposer.conversion.readers import to_mindspore_tensor
+
+    for name, param in params.items():
+        value: Tensor = to_mindspore_tensor(source.read(name))
+        if dtype is not None and value.dtype != dtype:
+            value = value.astype(dtype)
+        param.set_dtype(value.dtype)
+        param.set_data(value)
