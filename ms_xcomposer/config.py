@@ -42,6 +42,8 @@ class VariantSpec:
 
     name: str
     image_transform: str  # "resize" (VL: one square image), "hd_centre" (4KHD), "hd_bottom" (2.5)
+    tile_size: int  # side of one ViT input: 490 (VL), 336 (4KHD), 560 (2.5)
+    accepts_video: bool  # videos become one canvas image (2.5)
     hd_tiles: bool  # global view + tiles, 2x2 patch merge, separators
     meta_always: bool  # the system prompt is always sent (VL, 4KHD) or only with use_meta (2.5)
     bos_every_piece: bool  # BOS on every text piece around images (VL, 4KHD) or only the first (2.5)
@@ -54,17 +56,20 @@ class VariantSpec:
 
 VARIANTS: Dict[str, VariantSpec] = {
     "ixc2-vl": VariantSpec(
-        name="ixc2-vl", image_transform="resize", hd_tiles=False, meta_always=True, bos_every_piece=True,
+        name="ixc2-vl", image_transform="resize", tile_size=490, accepts_video=False,
+        hd_tiles=False, meta_always=True, bos_every_piece=True,
         auto_image_placeholder=False, multi_image_hd_num=None, default_hd_num=1,
         plora_alpha=tuple((n, 256, 256) for n in PLORA_LINEARS),
     ),
     "ixc2-4khd": VariantSpec(
-        name="ixc2-4khd", image_transform="hd_centre", hd_tiles=True, meta_always=True, bos_every_piece=True,
+        name="ixc2-4khd", image_transform="hd_centre", tile_size=336, accepts_video=False,
+        hd_tiles=True, meta_always=True, bos_every_piece=True,
         auto_image_placeholder=False, multi_image_hd_num=None, default_hd_num=25,
         plora_alpha=(("wqkv", 8, 16),) + tuple((n, 256, 256) for n in PLORA_LINEARS[1:]),
     ),
     "ixc2.5": VariantSpec(
-        name="ixc2.5", image_transform="hd_bottom", hd_tiles=True, meta_always=False, bos_every_piece=False,
+        name="ixc2.5", image_transform="hd_bottom", tile_size=560, accepts_video=True,
+        hd_tiles=True, meta_always=False, bos_every_piece=False,
         auto_image_placeholder=True, multi_image_hd_num=6, default_hd_num=24,
         plora_alpha=tuple((n, 256, 256) for n in PLORA_LINEARS),
     ),

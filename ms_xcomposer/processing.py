@@ -69,21 +69,6 @@ class ImageError(ValueError):
     """An image or video cannot be read or is not acceptable (corrupt, empty, too large, wrong shape)."""
 
 
-@dataclass(frozen=True)
-class TransformSpec:
-    """How one `VariantSpec.image_transform` turns an image into tiles."""
-
-    tile: int  # side of one square ViT input
-    video: bool  # whether the variant accepts videos (tiled frame canvases)
-
-
-TRANSFORMS = {
-    "resize": TransformSpec(tile=490, video=False),
-    "hd_centre": TransformSpec(tile=336, video=False),
-    "hd_bottom": TransformSpec(tile=560, video=True),
-}
-
-
 def variant_spec(variant: Union[str, VariantSpec]) -> VariantSpec:
     """The `VariantSpec` of a variant name ("ixc2-vl", "ixc2-4khd", "ixc2.5") or the spec itself."""
     if isinstance(variant, VariantSpec):
@@ -95,7 +80,7 @@ def variant_spec(variant: Union[str, VariantSpec]) -> VariantSpec:
 
 def tile_size(variant: Union[str, VariantSpec]) -> int:
     """Side of one ViT input for the variant: 490 (VL), 336 (4KHD), 560 (2.5)."""
-    return TRANSFORMS[variant_spec(variant).image_transform].tile
+    return variant_spec(variant).tile_size
 
 
 # ---- the public entry point -----------------------------------------------------------------------------
@@ -451,9 +436,8 @@ def preprocess_video(source: Union[str, "os.PathLike[str]", Sequence[Union[Image
                      max_pixels: int = MAX_IMAGE_PIXELS, font_path: Optional[str] = None) -> np.ndarray:
     """Normalised pixels float32 [1, 3, H, W] of a video (file, GIF or frame list): frames -> canvas -> tiles."""
     spec = variant_spec(variant)
-    transform = TRANSFORMS[spec.image_transform]
-    if not transform.video:
+    if not spec.accepts_video:
         raise ImageError(f"variant {spec.name} does not take videos (only IXC-2.5 does)")
     frames = load_video_frames(source, max_frames=max_frames, max_pixels=max_pixels)
-    canvas = frames_to_canvas(frames, font_path=font_path, tile=transform.tile)
-    return normalize(video_transform(canvas, transform.tile))
+    canvas = frames_to_canvas(frames, font_path=font_path, tile=spec.tile_size)
+    return normalize(video_transform(canvas, spec.tile_size))

@@ -41,6 +41,9 @@ class Embedding(nn.Cell):
         self.weight = zeros_param((vocab, width), dtype)
 
     def construct(self, ids, compute_dtype=ms.float32):
+        if self.weight.dtype == ms.bfloat16 and compute_dtype != ms.bfloat16:
+            # CPU has no bf16 Gather kernel: cast the table first (only when bf16 storage is asked for).
+            return ops.gather(self.weight.astype(compute_dtype), ids, 0)
         return ops.gather(self.weight, ids, 0).astype(compute_dtype)
 
 

@@ -21,7 +21,6 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ms_xcomposer import runtime
-from ms_xcomposer.bicubic import resize_bicubic_np
 from ms_xcomposer.cache import KVCache, round_capacity
 from ms_xcomposer.config import XComposerConfig
 from ms_xcomposer.models import rope
@@ -29,6 +28,7 @@ from ms_xcomposer.models.clip import VisionTower
 from ms_xcomposer.models.internlm2 import InternLM2Model
 from ms_xcomposer.models.layers import GELU, Linear, zeros_param
 from ms_xcomposer.models.plora import INFER_MODES
+from ms_xcomposer.processing import global_view, split_tiles, tile_grid
 
 MASKED = -1e30  # additive attention bias of hidden positions; softmax runs in float32
 
@@ -87,9 +87,9 @@ class _LLMStep(_GraphPiece):
 class _VisionEncode(_GraphPiece):
     """[1 + h*w, 3, t, t] views -> [1, N, hidden] image embeddings (HD layout when the variant tiles)."""
 
-    def __init__(self, owner, grid_h: int, grid_w: int):
+    def __init__(self, owner, grid_h: int, grid_w: int, project: bool = True):
         super().__init__(owner)
-        self.grid_h, self.grid_w = grid_h, grid_w
+        self.grid_h, self.grid_w, self.project = grid_h, grid_w, project
         self.hd = owner.config.spec.hd_tiles
         self.g = owner.config.vision.grid
 
@@ -97,7 +97,9 @@ class _VisionEncode(_GraphPiece):
         feats = self.owner.vit(views)  # [n, g*g, C]
         if self.hd:
             feats = self._hd_layout(feats)
-        return self.owner.vision_proj(feats)
+        if self.project:
+            return self.owner.vision_proj(feats)
+        return feats
 
     def _hd_layout(self, feats):
         n, _, c = feats.shape
@@ -141,16 +143,19 @@ class XComposer2ForCausalLM(nn.Cell):
                         compute_dtype: Optional[str] = None) -> "XComposer2ForCausalLM":
         """Load a converted MindSpore directory (or an HF directory: .bin or safetensors shards).
 
-        dtype: None keeps each weight's stored dtype (e.g. bf16; it is cast to the compute dtype per call),
-        or "float32"/"float16"/"bfloat16" to convert the weights once at load time.
+        dtype: the weights' storage dtype, "float32"/"float16"/"bfloat16". None keeps each weight's stored
+        dtype (cast to the compute dtype per call), except bf16 weights on CPU, which are upcast once at load
+        (exactly) because CPU kernels cannot compute in bf16. compute_dtype: None = the device default.
         """
         from ms_xcomposer.conversion.readers import open_checkpoint
         from ms_xcomposer.weights import load_weights
 
         reader = open_checkpoint(path)
+        compute = runtime.compute_dtype(compute_dtype)
         target = runtime.DTYPES[dtype] if isinstance(dtype, str) else dtype
-        model = cls(reader.config, dtype=target or ms.float32,
-                    compute_dtype=runtime.compute_dtype(compute_dtype) if compute_dtype else None)
+        if target is None and runtime.current_device() == "CPU" and reader.dtype("output.weight") == "bfloat16":
+            target = compute
+        model = cls(reader.config, dtype=target or ms.float32, compute_dtype=compute)
         load_weights(model, reader, dtype=target)
         return model
 
@@ -227,11 +232,12 @@ class XComposer2ForCausalLM(nn.Cell):
         """Normalised pixels [1, 3, H, W] -> the ViT batch (global view + tiles for HD variants) and grid."""
         return split_views(pixels, self.config.tile_size, self.config.spec.hd_tiles)
 
-    def encode_img(self, image, hd_num: Optional[int] = None) -> Tensor:
+    def encode_img(self, image, hd_num: Optional[int] = None, project: bool = True) -> Tensor:
         """One image -> [1, N, hidden] embeddings in the compute dtype.
 
         `image`: normalised pixels [1, 3, H, W] (numpy or Tensor; H, W multiples of the tile size for HD
         variants), or a path / PIL image, preprocessed for this variant with `hd_num` tiles at most.
+        project=False returns the assembled image tokens before `vision_proj` ([1, N, proj_in]).
         """
         if isinstance(image, Tensor):
             image = image.asnumpy()
@@ -240,29 +246,25 @@ class XComposer2ForCausalLM(nn.Cell):
 
             image = preprocess(image, self.config.variant, hd_num or self.config.spec.default_hd_num)
         views, grid_h, grid_w = self.vit_views(image)
-        piece = self._piece(("vision", grid_h, grid_w), lambda: _VisionEncode(self, grid_h, grid_w))
+        piece = self._piece(("vision", grid_h, grid_w, project), lambda: _VisionEncode(self, grid_h, grid_w, project))
         return piece(Tensor(views).astype(self.compute_dtype))
 
 
 def split_views(pixels: np.ndarray, tile: int, hd_tiles: bool) -> Tuple[np.ndarray, int, int]:
     """[1, 3, H, W] -> (views [n, 3, tile, tile], grid_h, grid_w).
 
-    HD variants: the global view (PyTorch-compatible bicubic resize of the normalised image to one tile)
-    followed by the h x w tiles in row-major order; otherwise the image itself, which must be tile x tile.
+    HD variants: the global view (PyTorch-compatible bicubic resize to one tile) followed by the h x w tiles
+    in row-major order; otherwise the image itself, which must be tile x tile.
     """
     if pixels.ndim != 4 or pixels.shape[:2] != (1, 3):
         raise ValueError(f"pixels must have shape [1, 3, H, W], got {list(pixels.shape)}")
-    _, _, height, width = pixels.shape
+    pixels = pixels.astype(np.float32)
     if not hd_tiles:
-        if (height, width) != (tile, tile):
-            raise ValueError(f"this variant takes {tile}x{tile} images, got {height}x{width}")
-        return pixels.astype(np.float32), 1, 1
-    if height % tile or width % tile:
-        raise ValueError(f"HD pixels must be multiples of the {tile}-pixel tile, got {height}x{width}")
-    grid_h, grid_w = height // tile, width // tile
-    glb = resize_bicubic_np(pixels, tile, tile)
-    tiles = pixels.reshape(3, grid_h, tile, grid_w, tile).transpose(1, 3, 0, 2, 4).reshape(-1, 3, tile, tile)
-    return np.concatenate([glb, tiles]).astype(np.float32), grid_h, grid_w
+        if pixels.shape[2:] != (tile, tile):
+            raise ValueError(f"this variant takes {tile}x{tile} images, got {pixels.shape[2]}x{pixels.shape[3]}")
+        return pixels, 1, 1
+    grid_h, grid_w = tile_grid(pixels, tile)
+    return np.concatenate([global_view(pixels, tile), split_tiles(pixels, tile)]), grid_h, grid_w
 
 
 def _as_numpy(x) -> np.ndarray:

@@ -1,0 +1,249 @@
+"""Text generation with a KV cache: greedy, sampling and beam search with Hugging Face semantics.
+
+The model runs on the device (one compiled prefill graph and one compiled decode graph in GRAPH mode);
+the per-token logits processing runs on the host in numpy float32, mirroring transformers 4.57:
+- processors: repetition penalty (over the generated tokens: the prompt is given as embeddings, so HF's
+  `input_ids` holds only generated tokens), then, when sampling, temperature, top-k (HF default 50 when
+  `top_k` is None), top-p;
+- greedy: argmax; sampling: a draw from softmax (numpy Generator seeded by `seed`);
+- beam search (`num_beams` > 1): log-softmax, processors, accumulated scores, top (1 + n_eos) * num_beams
+  candidates, finished hypotheses scored by sum_logprobs / generated_len ** length_penalty, HF's
+  early-stop heuristic (early_stopping=False).
+Decode steps carry no image tokens, so they run without the PLoRA branch, as the official model does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+from mindspore import Tensor
+
+from ms_xcomposer.cache import KVCache
+
+HF_DEFAULT_TOP_K = 50
+NEG_INF = -np.inf
+
+
+class Streamer(Protocol):
+    """Receives new token ids as they are generated (HF's BaseStreamer protocol)."""
+
+    def put(self, ids: List[int]) -> None: ...
+
+    def end(self) -> None: ...
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding options; defaults are the official chat's (sampling, top_p 0.8, repetition penalty 1.005)."""
+
+    max_new_tokens: int = 1024
+    do_sample: bool = True
+    num_beams: int = 1
+    temperature: float = 1.0
+    top_p: float = 0.8
+    top_k: Optional[int] = None
+    repetition_penalty: float = 1.005
+    length_penalty: float = 1.0
+    eos_token_id: Sequence[int] = (2,)
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = (self.eos_token_id,)
+
+
+@dataclass
+class GenerationOutput:
+    """ids: the new tokens (a final EOS included when one was produced); score: beam score (beam search)."""
+
+    ids: List[int]
+    finished_by_eos: bool
+    score: Optional[float] = None
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# ---- logits processing (HF semantics) ------------------------------------------------------------------
+def apply_repetition_penalty(scores: np.ndarray, generated: Sequence[Sequence[int]], penalty: float) -> np.ndarray:
+    """scores [B, V]: each token already generated in row b is divided by penalty (multiplied if negative)."""
+    if penalty == 1.0:
+        return scores
+    out = scores.copy()
+    for row, ids in enumerate(generated):
+        if len(ids):
+            idx = np.unique(np.asarray(ids, dtype=np.int64))
+            idx = idx[idx < scores.shape[1]]
+            s = out[row, idx]
+            out[row, idx] = np.where(s < 0, s * penalty, s / penalty)
+    return out
+
+
+def apply_warpers(scores: np.ndarray, cfg: GenerationConfig, min_tokens_to_keep: int = 1) -> np.ndarray:
+    """Temperature, top-k, top-p as HF's sampling warpers, in that order (masked entries become -inf)."""
+    out = scores.astype(np.float32)
+    if cfg.temperature != 1.0:
+        out = out / np.float32(cfg.temperature)
+    top_k = HF_DEFAULT_TOP_K if cfg.top_k is None else cfg.top_k
+    if top_k:
+        k = min(max(top_k, min_tokens_to_keep), out.shape[-1])
+        kth = -np.partition(-out, k - 1, axis=-1)[:, k - 1:k]
+        out = np.where(out < kth, NEG_INF, out).astype(np.float32)
+    if cfg.top_p < 1.0:
+        order = np.argsort(out, axis=-1, kind="stable")  # ascending, as HF sorts
+        sorted_scores = np.take_along_axis(out, order, -1)
+        cumulative = np.cumsum(_softmax(sorted_scores), axis=-1)
+        remove_sorted = cumulative <= (1 - cfg.top_p)
+        remove_sorted[:, -min_tokens_to_keep:] = False
+        remove = np.zeros_like(remove_sorted)
+        np.put_along_axis(remove, order, remove_sorted, -1)
+        out = np.where(remove, NEG_INF, out).astype(np.float32)
+    return out
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - np.max(x, axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+# ---- model stepping ------------------------------------------------------------------------------------
+class _Stepper:
+    """Runs the prefill and the cached decode steps, returning last-position logits as numpy [B, V]."""
+
+    def __init__(self, model, infer_mode: str):
+        self.model, self.infer_mode = model, infer_mode
+        self.cache: Optional[KVCache] = None
+
+    def prefill(self, embeds, im_mask, capacity: int) -> np.ndarray:
+        out = self.model(inputs_embeds=embeds, im_mask=im_mask, use_cache=True, infer_mode=self.infer_mode,
+                         last_logits_only=True, cache_capacity=capacity)
+        self.cache = out.past_key_values
+        return out.logits.asnumpy()[:, -1]
+
+    def step(self, tokens: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int32).reshape(-1, 1)
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, infer_mode=self.infer_mode,
+                         last_logits_only=True)
+        self.cache = out.past_key_values
+        return out.logits.asnumpy()[:, -1]
+
+    def reorder(self, beam_index: Sequence[int]) -> None:
+        self.cache = self.cache.select(beam_index)
+
+
+def generate(model, inputs_embeds, im_mask=None, config: Optional[GenerationConfig] = None,
+             streamer: Optional[Streamer] = None, infer_mode: str = "base") -> GenerationOutput:
+    """Generate new tokens after a prompt given as embeddings.
+
+    inputs_embeds [1, S, hidden] (numpy or Tensor), im_mask [1, S] (True on image rows, or None).
+    Returns GenerationOutput with the new ids (EOS included when produced). `streamer.put` receives each
+    new token (greedy/sampling) or the final ids (beam search), then `streamer.end()`.
+    """
+    cfg = config or GenerationConfig()
+    embeds = inputs_embeds if isinstance(inputs_embeds, Tensor) else Tensor(np.asarray(inputs_embeds))
+    if embeds.ndim != 3 or int(embeds.shape[0]) != 1:
+        raise ValueError(f"inputs_embeds must be [1, S, hidden], got {list(embeds.shape)}")
+    stepper = _Stepper(model, infer_mode)
+    capacity = int(embeds.shape[1]) + cfg.max_new_tokens
+    logits = stepper.prefill(embeds, im_mask, capacity)
+    if cfg.num_beams == 1:
+        result = _greedy_or_sample(stepper, logits, cfg, streamer)
+    else:
+        result = _beam_search(stepper, logits, cfg)
+        if streamer is not None:
+            streamer.put(list(result.ids))
+    if streamer is not None:
+        streamer.end()
+    return result
+
+
+def _greedy_or_sample(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConfig,
+                      streamer: Optional[Streamer]) -> GenerationOutput:
+    rng = np.random.default_rng(cfg.seed)
+    eos = set(cfg.eos_token_id)
+    generated: List[int] = []
+    for step in range(cfg.max_new_tokens):
+        scores = apply_repetition_penalty(logits.astype(np.float32), [generated], cfg.repetition_penalty)
+        if cfg.do_sample:
+            probs = _softmax(apply_warpers(scores, cfg).astype(np.float64))[0]
+            token = int(rng.choice(probs.shape[0], p=probs / probs.sum()))
+        else:
+            token = int(np.argmax(scores[0]))
+        generated.append(token)
+        if streamer is not None:
+            streamer.put([token])
+        if token in eos:
+            return GenerationOutput(generated, True, steps=step + 1)
+        if step + 1 < cfg.max_new_tokens:
+            logits = stepper.step([token])
+    return GenerationOutput(generated, False, steps=cfg.max_new_tokens)
+
+
+def _beam_search(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConfig) -> GenerationOutput:
+    """HF 4.57 `_beam_search` for one prompt (decoder_prompt_len 0: the prompt is embeddings)."""
+    nb, lp = cfg.num_beams, cfg.length_penalty
+    eos = np.asarray(cfg.eos_token_id, dtype=np.int64)
+    keep = max(2, 1 + len(eos)) * nb
+    rng = np.random.default_rng(cfg.seed)
+    vocab = logits.shape[-1]
+    logits = np.repeat(logits, nb, axis=0)
+    stepper.reorder([0] * nb)
+    running: List[List[int]] = [[] for _ in range(nb)]
+    running_scores = np.full(nb, -1e9, np.float32)
+    running_scores[0] = 0.0
+    finished: List[Tuple[float, List[int], bool]] = []  # (score, ids, ended by eos)
+    heuristic_unsatisfied = True
+    for cur_len in range(cfg.max_new_tokens):
+        log_probs = _log_softmax(logits.astype(np.float32))
+        log_probs = apply_repetition_penalty(log_probs, running, cfg.repetition_penalty)
+        if cfg.do_sample:
+            log_probs = apply_warpers(log_probs, cfg, min_tokens_to_keep=len(eos) + 1)
+        acc = (log_probs + running_scores[:, None]).reshape(-1)
+        if cfg.do_sample:
+            probs = _softmax(acc.astype(np.float64))
+            cand = rng.choice(acc.shape[0], size=keep, replace=False, p=probs / probs.sum())
+        else:
+            cand = np.argsort(-acc, kind="stable")[:keep]
+        cand_scores = acc[cand]
+        cand_beam, cand_tok = cand // vocab, cand % vocab
+        cand_seqs = [running[b] + [int(t)] for b, t in zip(cand_beam, cand_tok)]
+        hits = np.isin(cand_tok, eos) | (cur_len + 1 >= cfg.max_new_tokens)
+        # finished hypotheses: candidates among the top nb that hit a stopping criterion
+        if heuristic_unsatisfied:
+            for rank in range(nb):
+                if hits[rank]:
+                    score = float(cand_scores[rank]) / ((cur_len + 1) ** lp)
+                    finished.append((score, cand_seqs[rank], bool(np.isin(cand_tok[rank], eos))))
+            finished.sort(key=lambda f: -f[0])
+            finished = finished[:nb]
+        # running beams: the best nb candidates that did not stop
+        open_scores = cand_scores + hits.astype(np.float32) * np.float32(-1e9)
+        order = np.argsort(-open_scores, kind="stable")[:nb]
+        running = [cand_seqs[i] for i in order]
+        running_scores = open_scores[order].astype(np.float32)
+        if len(finished) == nb:
+            best_possible = running_scores[0] / ((cur_len + 1) ** lp)
+            heuristic_unsatisfied = heuristic_unsatisfied and best_possible > min(f[0] for f in finished)
+        if not heuristic_unsatisfied or hits.all() or cur_len + 1 >= cfg.max_new_tokens:
+            break
+        stepper.reorder([int(cand_beam[i]) for i in order])
+        logits = stepper.step([seq[-1] for seq in running])
+    score, ids, by_eos = finished[0]
+    return GenerationOutput(ids, by_eos, score=score, steps=cur_len + 1)

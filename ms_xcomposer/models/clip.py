@@ -1,0 +1,254 @@
+"""CLIP ViT vision tower as MindSpore Cells, with the HF module tree (and so the HF parameter names).
+
+`VisionTower` -> `vision_tower` (CLIPVisionModel) -> `vision_model` (CLIPVisionTransformer) -> `embeddings`,
+`pre_layrnorm` (sic), `encoder.layers.N`, `post_layernorm` (loaded, never applied). Held by the XComposer2
+model as `vit`, the parameter names are the checkpoint keys `vit.vision_tower.vision_model.*`.
+
+The output is XComposer2's image feature: the last encoder layer's hidden state with the class token
+dropped and no post-LayerNorm (HF `hidden_states[-1][:, 1:]`).
+
+Dtypes: weights keep their stored dtype (fp32, fp16, bf16); activations are computed in the dtype of the
+`pixel_values` given to `construct` (fp32 or fp16 on CPU), weights being cast per call. LayerNorm and the
+attention softmax run in fp32.
+
+Position embeddings for an input whose patch grid differs from the stored one are the stored grid resized
+bicubically (align_corners=False, class row kept), as transformers' `interpolate_pos_encoding=True`. The
+resize is two fixed matrices from `bicubic_matrix`, made on the Python side by `VisionTower.pos_resize(h, w)`
+and passed to `construct`, so the graph itself holds only matmuls and compiles in GRAPH mode.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ..bicubic import bicubic_matrix
+from ..config import VisionConfig
+from .layers import LayerNorm, Linear, QuickGELU, zeros_param
+
+PosResize = Tuple[Tensor, Tensor]
+
+
+def _as(t, dtype):
+    return t if t.dtype == dtype else ops.cast(t, dtype)
+
+
+class PatchEmbedding(nn.Cell):
+    """Conv2d(3, width, kernel=stride=patch, no bias) as one matmul over flattened patches.
+
+    `weight` is the conv kernel [width, 3, p, p] as stored. Rows/columns past the last whole patch are
+    dropped, as the strided convolution does.
+    """
+
+    def __init__(self, width: int, patch: int, channels: int = 3, dtype=ms.float32):
+        super().__init__()
+        self.patch, self.channels, self.width = patch, channels, width
+        self.weight = zeros_param((width, channels, patch, patch), dtype)
+
+    def construct(self, x):
+        """x [B, C, H, W] -> [B, (H // p) * (W // p), width], row-major over the patch grid."""
+        b, c, h, w = x.shape
+        p = self.patch
+        gh, gw = h // p, w // p
+        if h != gh * p or w != gw * p:
+            x = x[:, :, : gh * p, : gw * p]
+        x = x.reshape(b, c, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)
+        k = _as(self.weight, x.dtype)  # cast before reshaping: CPU has no bf16 Reshape kernel
+        return ops.dense(x, k.reshape(self.width, c * p * p))
+
+
+class PositionEmbedding(nn.Cell):
+    """Holds the position table `weight` [1 + g*g, width] (class row first) under the HF name."""
+
+    def __init__(self, num_positions: int, width: int, dtype=ms.float32):
+        super().__init__()
+        self.weight = zeros_param((num_positions, width), dtype)
+
+    def construct(self, pos_resize: Optional[PosResize] = None):
+        """The table in fp32, resized to a new patch grid when `pos_resize` = (Wh [gh, g], Ww [gw, g])."""
+        table = ops.cast(self.weight, ms.float32)
+        if pos_resize is None:
+            return table
+        wh, ww = pos_resize
+        g = wh.shape[1]
+        width = table.shape[1]
+        grid = table[1:].reshape(g, g * width)
+        rows = ops.matmul(wh, grid).reshape(wh.shape[0], g, width)  # resize along the grid's height
+        both = ops.matmul(ww, rows)  # [gw, g] @ [gh, g, width] -> [gh, gw, width]: resize along its width
+        return ops.concat((table[:1], both.reshape(-1, width)), 0)
+
+
+class CLIPVisionEmbeddings(nn.Cell):
+    """Class token + patch embeddings + position embeddings -> [B, 1 + N, width]."""
+
+    def __init__(self, config: VisionConfig, dtype=ms.float32):
+        super().__init__()
+        self.width = config.hidden_size
+        self.class_embedding = zeros_param((config.hidden_size,), dtype, "class_embedding")
+        self.patch_embedding = PatchEmbedding(config.hidden_size, config.patch_size, dtype=dtype)
+        self.position_embedding = PositionEmbedding(config.num_positions, config.hidden_size, dtype)
+
+    def construct(self, pixel_values, pos_resize: Optional[PosResize] = None):
+        patches = self.patch_embedding(pixel_values)
+        b = patches.shape[0]
+        cls = _as(self.class_embedding, patches.dtype).reshape(1, 1, self.width)
+        x = ops.concat((ops.broadcast_to(cls, (b, 1, self.width)), patches), 1)
+        pos = self.position_embedding(pos_resize)
+        if pos.shape[0] != x.shape[1]:
+            raise ValueError(
+                f"pixel_values {pixel_values.shape} give {x.shape[1] - 1} patches but the position table has "
+                f"{pos.shape[0] - 1}: pass pos_resize=VisionTower.pos_resize(height, width)"
+            )
+        return x + ops.cast(pos, x.dtype)
+
+
+class CLIPAttention(nn.Cell):
+    """Multi-head self-attention; q, k, v projections run as one matmul on their concatenated weights."""
+
+    def __init__(self, config: VisionConfig, dtype=ms.float32):
+        super().__init__()
+        width = config.hidden_size
+        self.heads = config.num_attention_heads
+        if width % self.heads:
+            raise ValueError(f"vision width {width} is not a multiple of num_attention_heads {self.heads}")
+        self.head_dim = width // self.heads
+        self.scale = self.head_dim ** -0.5
+        self.k_proj = Linear(width, width, dtype=dtype)
+        self.v_proj = Linear(width, width, dtype=dtype)
+        self.q_proj = Linear(width, width, dtype=dtype)
+        self.out_proj = Linear(width, width, dtype=dtype)
+        self.bmm_nt = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, x):
+        b, n, width = x.shape
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        # Cast before concatenating: CPU has no bf16 Concat kernel.
+        w = ops.concat([_as(m.weight, x.dtype) for m in projs], 0)
+        bias = ops.concat([_as(m.bias, x.dtype) for m in projs], 0)
+        qkv = ops.dense(x, w, bias).reshape(b, n, 3, self.heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, heads, N, head_dim]
+        scores = self.bmm_nt(q, k) * self.scale
+        probs = ops.cast(ops.softmax(ops.cast(scores, ms.float32), -1), x.dtype)
+        out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, n, width)
+        return self.out_proj(out)
+
+
+class CLIPMLP(nn.Cell):
+    def __init__(self, config: VisionConfig, dtype=ms.float32):
+        super().__init__()
+        if config.hidden_act != "quick_gelu":
+            raise ValueError(f"vision hidden_act {config.hidden_act!r} not supported: expected 'quick_gelu'")
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, dtype=dtype)
+        self.act = QuickGELU()
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, dtype=dtype)
+
+    def construct(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Cell):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: VisionConfig, dtype=ms.float32):
+        super().__init__()
+        self.self_attn = CLIPAttention(config, dtype)
+        self.layer_norm1 = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
+        self.mlp = CLIPMLP(config, dtype)
+        self.layer_norm2 = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
+
+    def construct(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Cell):
+    def __init__(self, config: VisionConfig, dtype=ms.float32):
+        super().__init__()
+        self.layers = nn.CellList([CLIPEncoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
+
+    def construct(self, x, output_hidden_states: bool = False):
+        """Returns (last hidden state, hidden states) with hidden states = (input, layer 1 .. layer L) or ()."""
+        states = (x,)
+        for layer in self.layers:
+            x = layer(x)
+            if output_hidden_states:
+                states = states + (x,)
+        if output_hidden_states:
+            return x, states
+        return x, ()
+
+
+class CLIPVisionTransformer(nn.Cell):
+    def __init__(self, config: VisionConfig, dtype=ms.float32, post_layernorm: bool = True):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(config, dtype)
+        self.pre_layrnorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
+        self.encoder = CLIPEncoder(config, dtype)
+        # Loaded so checkpoints round-trip; XComposer2's features never go through it.
+        self.post_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype) if post_layernorm else None
+
+    def construct(self, pixel_values, pos_resize: Optional[PosResize] = None, output_hidden_states: bool = False):
+        x = self.pre_layrnorm(self.embeddings(pixel_values, pos_resize))
+        return self.encoder(x, output_hidden_states)
+
+
+class CLIPVisionModel(nn.Cell):
+    def __init__(self, config: VisionConfig, dtype=ms.float32, post_layernorm: bool = True):
+        super().__init__()
+        self.vision_model = CLIPVisionTransformer(config, dtype, post_layernorm)
+
+    def construct(self, pixel_values, pos_resize: Optional[PosResize] = None, output_hidden_states: bool = False):
+        return self.vision_model(pixel_values, pos_resize, output_hidden_states)
+
+
+class VisionTower(nn.Cell):
+    """XComposer2's image encoder: CLIP ViT features of the last layer, class token dropped, no post-LN.
+
+    Args:
+        config: the tower's `VisionConfig` (stored position grid = image_size // patch_size).
+        dtype: storage dtype of the parameters (ms.float32, ms.float16 or ms.bfloat16).
+        post_layernorm: whether the checkpoint has `post_layernorm.*` (False for IXC2-4KHD).
+    """
+
+    def __init__(self, config: VisionConfig, dtype=ms.float32, post_layernorm: bool = True):
+        super().__init__()
+        self.config = config
+        self.vision_tower = CLIPVisionModel(config, dtype, post_layernorm)
+        self._pos_resize_cache: Dict[Tuple[int, int], Optional[PosResize]] = {}
+
+    def pos_resize(self, height: int, width: int) -> Optional[PosResize]:
+        """Bicubic matrices (Wh [gh, g], Ww [gw, g], fp32) resizing the stored position grid g x g to the
+        patch grid of a `height` x `width` input; None when the grids are equal (no resize, as in HF).
+
+        Computed on the Python side and cached per size; pass the result to `construct`.
+        """
+        p, g = self.config.patch_size, self.config.grid
+        gh, gw = height // p, width // p
+        if gh < 1 or gw < 1:
+            raise ValueError(f"image {height}x{width} is smaller than one {p}x{p} patch")
+        if (gh, gw) == (g, g):
+            return None
+        key = (gh, gw)
+        if key not in self._pos_resize_cache:
+            # mutable: GRAPH mode takes the pair as inputs instead of folding (and logging) constant tensors.
+            self._pos_resize_cache[key] = ms.mutable((Tensor(bicubic_matrix(g, gh)), Tensor(bicubic_matrix(g, gw))))
+        return self._pos_resize_cache[key]
+
+    def construct(self, pixel_values, pos_resize: Optional[PosResize] = None, output_hidden_states: bool = False):
+        """pixel_values [B, 3, H, W] in the compute dtype -> features [B, (H//p)*(W//p), width], same dtype.
+
+        `pos_resize` must be `self.pos_resize(H, W)` (None when H, W give the stored grid). With
+        `output_hidden_states=True` returns (features, hidden_states): HF's tuple of L + 1 tensors
+        [B, 1 + N, width] (pre_layrnorm output, then each layer's output, class token included).
+        """
+        last, states = self.vision_tower(pixel_values, pos_resize, output_hidden_states)
+        features = last[:, 1:]
+        if output_hidden_states:
+            return features, states
+        return features
+
+    def encode(self, pixel_values: Tensor, output_hidden_states: bool = False):
+        """`construct` with the position resize for the input's size looked up first (call from Python)."""
+        return self(pixel_values, self.pos_resize(pixel_values.shape[2], pixel_values.shape[3]),
+                    output_hidden_states)
