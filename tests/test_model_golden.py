@@ -9,7 +9,7 @@ import pytest
 import mindspore as ms
 
 from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
-from tests.tolerances import assert_close
+from tolerances import assert_close
 
 DATA = "tests/data/ixc25_tiny"
 MODES = ["pynative", "graph"]
