@@ -13,7 +13,7 @@ setup(
     install_requires=[
         "mindspore==2.10.0",
         "numpy<2",
-        "pillow",
+        "pillow>=10.1",
         "sentencepiece",
         "safetensors",
         "ml_dtypes",
@@ -23,7 +23,9 @@ setup(
     extras_require={
         # The PyTorch side of parity checks: the project's reference model and HF's CLIPVisionModel.
         "parity": ["torch==2.13.0", "transformers==4.57.1"],
-        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1"],
+        # Video files for IXC-2.5 chat (lists of frames and GIFs need nothing extra).
+        "video": ["av"],
+        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "av"],
     },
     entry_points={"console_scripts": ["ms-xcomposer=ms_xcomposer.cli:main"]},
 )
