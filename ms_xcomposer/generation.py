@@ -2,9 +2,9 @@
 
 The model runs on the device (one compiled prefill graph and one compiled decode graph in GRAPH mode);
 the per-token logits processing runs on the host in numpy float32, mirroring transformers 4.57:
-- processors: repetition penalty (over the generated tokens: the prompt is given as embeddings, so HF's
-  `input_ids` holds only generated tokens), then, when sampling, temperature, top-k (HF default 50 when
-  `top_k` is None), top-p;
+- processors: repetition penalty (over `prompt_ids` + the generated tokens: HF's `input_ids` holds the prompt
+  ids when the prompt is given as ids, and only generated tokens when it is given as embeddings), then, when
+  sampling, temperature, top-k (HF default 50 when `top_k` is None), top-p;
 - greedy: argmax; sampling: a draw from softmax (numpy Generator seeded by `seed`);
 - beam search (`num_beams` > 1): log-softmax, processors, accumulated scores, top (1 + n_eos) * num_beams
   candidates, finished hypotheses scored by sum_logprobs / generated_len ** length_penalty, HF's
@@ -149,10 +149,13 @@ class _Stepper:
 
 
 def generate(model, inputs_embeds, im_mask=None, config: Optional[GenerationConfig] = None,
-             streamer: Optional[Streamer] = None, infer_mode: str = "base") -> GenerationOutput:
+             streamer: Optional[Streamer] = None, infer_mode: str = "base",
+             prompt_ids: Sequence[int] = ()) -> GenerationOutput:
     """Generate new tokens after a prompt given as embeddings.
 
     inputs_embeds [1, S, hidden] (numpy or Tensor), im_mask [1, S] (True on image rows, or None).
+    prompt_ids: ids the repetition penalty counts besides the generated ones (the prompt's ids when HF would
+    have been given `input_ids`, as the official text-only chat does; empty for an embeddings prompt).
     Returns GenerationOutput with the new ids (EOS included when produced). `streamer.put` receives each
     new token (greedy/sampling) or the final ids (beam search), then `streamer.end()`.
     """
@@ -163,10 +166,11 @@ def generate(model, inputs_embeds, im_mask=None, config: Optional[GenerationConf
     stepper = _Stepper(model, infer_mode)
     capacity = int(embeds.shape[1]) + cfg.max_new_tokens
     logits = stepper.prefill(embeds, im_mask, capacity)
+    prefix = [int(t) for t in prompt_ids]
     if cfg.num_beams == 1:
-        result = _greedy_or_sample(stepper, logits, cfg, streamer)
+        result = _greedy_or_sample(stepper, logits, cfg, streamer, prefix)
     else:
-        result = _beam_search(stepper, logits, cfg)
+        result = _beam_search(stepper, logits, cfg, prefix)
         if streamer is not None:
             streamer.put(list(result.ids))
     if streamer is not None:
@@ -175,12 +179,12 @@ def generate(model, inputs_embeds, im_mask=None, config: Optional[GenerationConf
 
 
 def _greedy_or_sample(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConfig,
-                      streamer: Optional[Streamer]) -> GenerationOutput:
+                      streamer: Optional[Streamer], prefix: List[int]) -> GenerationOutput:
     rng = np.random.default_rng(cfg.seed)
     eos = set(cfg.eos_token_id)
     generated: List[int] = []
     for step in range(cfg.max_new_tokens):
-        scores = apply_repetition_penalty(logits.astype(np.float32), [generated], cfg.repetition_penalty)
+        scores = apply_repetition_penalty(logits.astype(np.float32), [prefix + generated], cfg.repetition_penalty)
         if cfg.do_sample:
             probs = _softmax(apply_warpers(scores, cfg).astype(np.float64))[0]
             token = int(rng.choice(probs.shape[0], p=probs / probs.sum()))
@@ -196,7 +200,7 @@ def _greedy_or_sample(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConf
     return GenerationOutput(generated, False, steps=cfg.max_new_tokens)
 
 
-def _beam_search(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConfig) -> GenerationOutput:
+def _beam_search(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConfig, prefix: List[int]) -> GenerationOutput:
     """HF 4.57 `_beam_search` for one prompt (decoder_prompt_len 0: the prompt is embeddings)."""
     nb, lp = cfg.num_beams, cfg.length_penalty
     eos = np.asarray(cfg.eos_token_id, dtype=np.int64)
@@ -212,7 +216,7 @@ def _beam_search(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConfig) -
     heuristic_unsatisfied = True
     for cur_len in range(cfg.max_new_tokens):
         log_probs = _log_softmax(logits.astype(np.float32))
-        log_probs = apply_repetition_penalty(log_probs, running, cfg.repetition_penalty)
+        log_probs = apply_repetition_penalty(log_probs, [prefix + seq for seq in running], cfg.repetition_penalty)
         if cfg.do_sample:
             log_probs = apply_warpers(log_probs, cfg, min_tokens_to_keep=len(eos) + 1)
         acc = (log_probs + running_scores[:, None]).reshape(-1)

@@ -11,7 +11,7 @@ from typing import Sequence
 import mindspore as ms
 from mindspore import nn
 
-from ms_xcomposer.models.layers import Linear, zeros_param
+from ms_xcomposer.models.layers import Linear, linear, zeros_param
 
 # Task adapters each inference mode adds; "base" adds none.
 INFER_MODES = {"base": (), "web": ("web",), "write": ("sft", "dpo")}
@@ -38,8 +38,7 @@ class PLoRALinear(nn.Cell):
         `use_plora` and `infer_mode` are compile-time constants: decode steps (no image tokens) skip the
         low-rank branch entirely instead of multiplying it by zero.
         """
-        w = self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype)
-        y = x @ w.T
+        y = linear(x, self.weight)
         if infer_mode == "web":
             y = y + self.lora_web_B(self.lora_web_A(x))
         elif infer_mode == "write":

@@ -249,6 +249,19 @@ class XComposer2ForCausalLM(nn.Cell):
         piece = self._piece(("vision", grid_h, grid_w, project), lambda: _VisionEncode(self, grid_h, grid_w, project))
         return piece(Tensor(views).astype(self.compute_dtype))
 
+    # ---- chat (the official methods; the work is in ms_xcomposer.chat) ----------------------------------
+    def chat(self, tokenizer, query: str, image=None, **kwargs):
+        """`ms_xcomposer.chat.chat(self, tokenizer, query, image, ...)`: one turn -> (response, history)."""
+        from ms_xcomposer.chat import chat
+
+        return chat(self, tokenizer, query, image, **kwargs)
+
+    def stream_chat(self, tokenizer, query: str, image=None, **kwargs):
+        """`ms_xcomposer.chat.stream_chat(self, ...)`: iterate for the response text as it is produced."""
+        from ms_xcomposer.chat import stream_chat
+
+        return stream_chat(self, tokenizer, query, image, **kwargs)
+
 
 def split_views(pixels: np.ndarray, tile: int, hd_tiles: bool) -> Tuple[np.ndarray, int, int]:
     """[1, 3, H, W] -> (views [n, 3, tile, tile], grid_h, grid_w).
