@@ -76,6 +76,15 @@ VARIANTS: Dict[str, VariantSpec] = {
 }
 
 
+def variant_spec(variant: "str | VariantSpec") -> VariantSpec:
+    """The `VariantSpec` of a variant name ("ixc2-vl", "ixc2-4khd", "ixc2.5"), or the spec itself."""
+    if isinstance(variant, VariantSpec):
+        return variant
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    return VARIANTS[variant]
+
+
 @dataclass
 class LLMConfig:
     """InternLM2 language model."""

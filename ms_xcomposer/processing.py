@@ -40,14 +40,13 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageSequence
 
 from ms_xcomposer.bicubic import resize_bicubic_np
-from ms_xcomposer.config import VARIANTS, VariantSpec
+from ms_xcomposer.config import VariantSpec, variant_spec
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
@@ -67,15 +66,6 @@ ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 
 class ImageError(ValueError):
     """An image or video cannot be read or is not acceptable (corrupt, empty, too large, wrong shape)."""
-
-
-def variant_spec(variant: Union[str, VariantSpec]) -> VariantSpec:
-    """The `VariantSpec` of a variant name ("ixc2-vl", "ixc2-4khd", "ixc2.5") or the spec itself."""
-    if isinstance(variant, VariantSpec):
-        return variant
-    if variant not in VARIANTS:
-        raise ImageError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    return VARIANTS[variant]
 
 
 def tile_size(variant: Union[str, VariantSpec]) -> int:

@@ -29,7 +29,8 @@ import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
-from ms_xcomposer.config import DEFAULT_META_INSTRUCTION, VARIANTS, VariantSpec
+from ms_xcomposer.config import DEFAULT_META_INSTRUCTION, VariantSpec
+from ms_xcomposer.config import variant_spec as variant_spec_of
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 BOS_TEXT = "<s>"
@@ -69,14 +70,6 @@ class ImageSlot:
 Piece = Union[TextPiece, ImageSlot]
 
 
-def _resolve(variant: Union[str, VariantSpec]) -> VariantSpec:
-    if isinstance(variant, VariantSpec):
-        return variant
-    if variant not in VARIANTS:
-        raise PromptError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    return VARIANTS[variant]
-
-
 def conversation_text(query: str, history: History = (), meta_instruction: str = "") -> str:
     """The official template: optional system turn, the history turns, the query turn, the assistant header."""
     _check_text(query, "query")
@@ -113,7 +106,7 @@ def build_chat_prompt(query: str, history: History = (), variant_spec: Union[str
     Raises:
         PromptError: placeholders and images disagree, a 4KHD prompt without `<ImageHere>`, bad history.
     """
-    spec = _resolve(variant_spec)
+    spec = variant_spec_of(variant_spec)
     if n_images is not None and (isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 0):
         raise PromptError(f"n_images must be None or a non-negative integer, got {n_images!r}")
     meta = effective_meta(spec, use_meta, meta_instruction)
@@ -155,7 +148,7 @@ def build_chat_prompt(query: str, history: History = (), variant_spec: Union[str
 
 def effective_hd_num(variant_spec: Union[str, VariantSpec], n_images: int, hd_num: Optional[int] = None) -> int:
     """HD tile budget per image: `hd_num` (default: the variant's), or IXC-2.5's 6 when several images."""
-    spec = _resolve(variant_spec)
+    spec = variant_spec_of(variant_spec)
     if hd_num is None:
         hd_num = spec.default_hd_num
     if isinstance(hd_num, bool) or not isinstance(hd_num, int) or hd_num < 1:

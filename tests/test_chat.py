@@ -16,29 +16,8 @@ from ms_xcomposer.conversion.convert import convert
 from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
 from ms_xcomposer.processing import preprocess_video
 from ms_xcomposer.prompt import PromptError
+from helpers_chat import DATA, EOS, SMALL, WIDE, RecordingModel
 from ms_xcomposer.tokenizer import InternLM2Tokenizer
-
-DATA = os.path.join(os.path.dirname(__file__), "data", "ixc25_tiny")
-WIDE, SMALL = (os.path.join(DATA, f"image_{n}.png") for n in ("wide", "small"))
-EOS = [2, 4]
-
-
-class RecordingModel:
-    """The model, recording the logits of each call (the first call of a chat is the prefill)."""
-
-    def __init__(self, model):
-        self._model = model
-        self.calls = []
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def __call__(self, **kwargs):
-        out = self._model(**kwargs)
-        self.calls.append({"logits": out.logits.asnumpy(), "im_mask": kwargs.get("im_mask"),
-                           "seq": int((kwargs.get("inputs_embeds") if kwargs.get("input_ids") is None
-                                       else kwargs["input_ids"]).shape[1])})
-        return out
 
 
 # ---- golden: the official IXC-2.5 chat --------------------------------------------------------------------

@@ -28,27 +28,8 @@ from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM  # noqa: E402
 from ms_xcomposer.processing import ImageError, preprocess  # noqa: E402
 from ms_xcomposer.prompt import TextPiece, build_chat_prompt  # noqa: E402
 from ms_xcomposer.reference import ReferenceXComposer2  # noqa: E402
+from helpers_chat import DATA, EOS, SMALL, WIDE, RecordingModel  # noqa: E402
 from ms_xcomposer.tokenizer import InternLM2Tokenizer  # noqa: E402
-
-DATA = os.path.join(os.path.dirname(__file__), "data", "ixc25_tiny")
-WIDE, SMALL = (os.path.join(DATA, f"image_{n}.png") for n in ("wide", "small"))
-EOS = [2, 4]
-
-
-class RecordingModel:
-    """The model, recording the prefill's length and image mask (the first call of a chat)."""
-
-    def __init__(self, model):
-        self._model = model
-        self.calls = []
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def __call__(self, **kwargs):
-        source = kwargs["inputs_embeds"] if kwargs.get("input_ids") is None else kwargs["input_ids"]
-        self.calls.append({"seq": int(source.shape[1]), "im_mask": kwargs.get("im_mask")})
-        return self._model(**kwargs)
 
 
 @pytest.fixture(scope="module")

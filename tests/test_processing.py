@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from ms_xcomposer.config import ConfigError
 from ms_xcomposer import processing as P
 from ms_xcomposer.processing import ImageError
 
@@ -241,7 +242,7 @@ def test_bad_arguments():
         P.preprocess(np.zeros((4, 4, 3), np.uint16), "ixc2.5")
     with pytest.raises(ImageError, match="shape"):
         P.preprocess(np.zeros((4, 4, 5), np.uint8), "ixc2.5")
-    with pytest.raises(ImageError, match="unknown variant"):
+    with pytest.raises(ConfigError, match="unknown variant"):
         P.preprocess(WIDE, "ixc3")
     with pytest.raises(ImageError, match="hd_num"):
         P.preprocess(WIDE, "ixc2.5", 0)

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
+from ms_xcomposer.config import ConfigError
 from ms_xcomposer.config import DEFAULT_META_INSTRUCTION, VARIANTS
 from ms_xcomposer.prompt import (
     DEFAULT_MAX_LENGTH, ImageSlot, PromptError, TextPiece, build_chat_prompt, conversation_text, effective_hd_num,
@@ -182,7 +183,7 @@ def test_bad_history_is_rejected(history, match):
 def test_bad_arguments_are_rejected():
     with pytest.raises(PromptError, match="query must be a str"):
         build_chat_prompt(b"bytes", [], "ixc2.5", 1)
-    with pytest.raises(PromptError, match="unknown variant"):
+    with pytest.raises(ConfigError, match="unknown variant"):
         build_chat_prompt("Q", [], "ixc3", 1)
     with pytest.raises(PromptError, match="n_images must be"):
         build_chat_prompt("Q", [], "ixc2.5", -1)

@@ -1,0 +1,24 @@
+"""Shared pieces of the chat tests: the golden case's paths, the chat stop ids, a model that records calls."""
+import os
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "ixc25_tiny")
+WIDE, SMALL = (os.path.join(DATA, f"image_{n}.png") for n in ("wide", "small"))
+EOS = [2, 4]
+
+
+class RecordingModel:
+    """The model, recording each call's logits, image mask and sequence length (call 0 is the prefill)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, **kwargs):
+        out = self._model(**kwargs)
+        source = kwargs["inputs_embeds"] if kwargs.get("input_ids") is None else kwargs["input_ids"]
+        self.calls.append({"logits": out.logits.asnumpy(), "im_mask": kwargs.get("im_mask"),
+                           "seq": int(source.shape[1])})
+        return out
