@@ -4,25 +4,43 @@ Each subcommand lives in `ms_xcomposer/commands/<name>.py` and exposes `register
 parser and sets `func(args) -> int`. Errors the library raises on bad input become one line on stderr
 (a traceback only with --debug).
 
-Exit codes: 0 success; 1 a check failed (verify/parity mismatch); 2 bad input or usage; 130 interrupted.
+Exit codes: 0 success; 1 a check failed (verify/parity mismatch, demo check); 2 bad input or usage; 3 an
+unexpected internal error (a bug, or a MindSpore runtime failure); 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
+# MindSpore reads its C++ log level when it is first imported; without this its INFO/WARNING lines flood the
+# terminal. Set here, before any command module can import mindspore, unless the user chose a level.
+os.environ.setdefault("GLOG_v", "3")
+
 COMMANDS = ("convert", "export_hf", "verify", "info", "chat", "parity", "demo")
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = """exit codes:
+  0    success
+  1    a check failed (verify: tensors differ; parity: a stage is out of tolerance; demo: a check failed)
+  2    bad input or usage (missing file, malformed checkpoint, bad option); the message names the problem
+  3    unexpected internal error (run again with --debug for the traceback, and report it)
+  130  interrupted (Ctrl-C or SIGTERM)
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ms-xcomposer",
-        description="InternLM-XComposer2 (IXC2-VL, IXC2-4KHD, IXC-2.5) on MindSpore.",
+        description="InternLM-XComposer2 (IXC2-VL, IXC2-4KHD, IXC-2.5) on MindSpore.\n"
+                    "Run `ms-xcomposer COMMAND --help` for a command's options and examples.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Exit codes: 0 ok, 1 a check failed, 2 bad input or usage, 130 interrupted.",
+        epilog="examples:\n"
+               "  ms-xcomposer demo\n"
+               "  ms-xcomposer convert ./internlm-xcomposer2d5-7b ./ixc25-ms\n"
+               "  ms-xcomposer info ./ixc25-ms\n"
+               "  ms-xcomposer chat ./ixc25-ms --image photo.jpg --query 'Describe this image.'\n\n" + EXIT_CODES,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -48,8 +66,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (`ms-xcomposer info DIR | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_OK
     except (ValueError, OSError, KeyError) as e:  # the library's input errors derive from these
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:  # noqa: BLE001 - anything else is a bug or a runtime failure: one line, not a traceback
+        if args.debug:
+            raise
+        print(f"error: internal error: {type(e).__name__}: {first_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (MindSpore's errors append pages of C++ context)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), repr(error))

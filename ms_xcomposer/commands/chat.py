@@ -1,0 +1,234 @@
+"""`ms-xcomposer chat MODEL_DIR`: one answer with --query, or an interactive multi-turn session without it.
+
+The session streams each answer as it is generated. Lines starting with `/` are commands: `/image PATH` adds an
+image to the next message, `/reset` starts a new conversation, `/exit` (or Ctrl-D) quits, `/help` lists them.
+Ctrl-C while an answer is streaming stops that answer; at the prompt it quits (exit 130).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional, Sequence, Tuple
+
+from ms_xcomposer.cli import EXIT_OK
+from ms_xcomposer.prompt import IMAGE_PLACEHOLDER
+
+EXAMPLES = """examples:
+  ms-xcomposer chat ./ixc25-ms --image photo.jpg --query "Describe this image."
+  ms-xcomposer chat ./ixc25-ms --image a.jpg --image b.jpg --query "Image1 <ImageHere>; Image2 <ImageHere>; Compare them."
+  ms-xcomposer chat ./ixc25-ms --image photo.jpg --do-sample --temperature 0.8 --top-p 0.8 --seed 0
+  ms-xcomposer chat ./ixc25-ms --num-beams 3 --use-meta --query "Write a poem about the sea."
+  ms-xcomposer chat ./ixc25-ms --mode graph            # interactive session; the first answer compiles the graphs
+  ms-xcomposer chat ./ixc25-ms --device Ascend --dtype bfloat16 --image photo.jpg   # never run by the developers
+
+MODEL_DIR is a converted directory (`ms-xcomposer convert`) or a Hugging Face directory (read directly).
+Without --query an interactive session starts; --image files are attached to its first message. In a session:
+  /image PATH   attach an image to the next message (IXC-2.5 places a single image first; otherwise each new
+                image goes at the start of the message unless the message has its own <ImageHere> marks)
+  /reset        forget the conversation and its images
+  /exit         quit (also Ctrl-D); Ctrl-C stops the answer being streamed
+Decoding defaults: greedy, repetition penalty 1.005 (the official chat's); --do-sample samples with top-p 0.8.
+The answer goes to stdout; loading and timing lines go to stderr.
+"""
+SESSION_HELP = ("commands: /image PATH (attach an image to the next message), /reset (new conversation), "
+                "/exit (quit; also Ctrl-D), /help")
+
+
+class Session:
+    """The conversation state of the interactive chat: history, the images sent so far, images for the next turn.
+
+    Images are re-sent with every turn (the model sees the whole conversation each time), as the official
+    multi-turn usage does; `<ImageHere>` marks in the history place them.
+    """
+
+    def __init__(self, auto_image_placeholder: bool) -> None:
+        self.auto_image_placeholder = auto_image_placeholder
+        self.history: List[Tuple[str, str]] = []
+        self.images: List[str] = []
+        self.pending: List[str] = []
+
+    def reset(self) -> None:
+        self.history, self.images, self.pending = [], [], []
+
+    def turn(self, query: str) -> Tuple[str, Optional[List[str]], List[Tuple[str, str]]]:
+        """(query text with placeholders, all images or None, history) for the next message."""
+        images = self.images + self.pending
+        history = list(self.history)
+        placed = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in history)
+        if self.pending and IMAGE_PLACEHOLDER not in query:
+            if self.auto_image_placeholder and len(images) == 1:
+                pass  # the variant puts a lone image first, as the official chat does
+            else:
+                if placed < len(self.images):  # an earlier lone image was placed implicitly: make it explicit
+                    q0, a0 = history[0]
+                    history[0] = (IMAGE_PLACEHOLDER * (len(self.images) - placed) + q0, a0)
+                query = IMAGE_PLACEHOLDER * len(self.pending) + query
+        return query, (images or None), history
+
+    def commit(self, history: Sequence[Tuple[str, str]]) -> None:
+        """Record a finished turn: the history returned by the chat, and the images it sent."""
+        self.history = list(history)
+        self.images += self.pending
+        self.pending = []
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device / --mode / --dtype, validated by `ms_xcomposer.runtime` (which imports MindSpore: not here)."""
+    parser.add_argument("--device", default="CPU", help="MindSpore device: CPU (default), GPU or Ascend")
+    parser.add_argument("--mode", default="pynative", type=str.lower,
+                        help="MindSpore mode: pynative (default) or graph (compiles once, then faster)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="compute dtype (default: the device's; CPU: float32, GPU/Ascend: bfloat16)")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    """The decoding options of `ms_xcomposer.chat.chat`, checked now (before the model is loaded)."""
+    from ms_xcomposer.generation import GenerationConfig
+
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
+                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  repetition_penalty=args.repetition_penalty, seed=args.seed)
+    GenerationConfig(**kwargs)  # raises ValueError naming a bad value
+    return kwargs
+
+
+def load_model(model_dir: str, device: str, mode: str, dtype: Optional[str]):
+    """(model, tokenizer) from MODEL_DIR after selecting the device and mode; prints one line to stderr."""
+    from ms_xcomposer import runtime
+    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
+    from ms_xcomposer.tokenizer import InternLM2Tokenizer
+
+    runtime.setup(device, mode)
+    start = time.perf_counter()
+    tokenizer = InternLM2Tokenizer.from_pretrained(model_dir)
+    model = XComposer2ForCausalLM.from_pretrained(model_dir, compute_dtype=dtype)
+    compute = next(name for name, dt in runtime.DTYPES.items() if dt == model.compute_dtype)
+    print(f"loaded {model.config.variant} from {model_dir} in {time.perf_counter() - start:.1f} s "
+          f"({runtime.current_device()}, {mode} mode, {compute} compute)", file=sys.stderr)
+    return model, tokenizer
+
+
+def _answer(model, tokenizer, query: str, images, history, hd_num, use_meta: bool, gen: dict):
+    """Stream one answer to stdout and return its ChatResult; Ctrl-C stops the generation and propagates."""
+    from ms_xcomposer.chat import stream_chat
+
+    start = time.perf_counter()
+    stream = stream_chat(model, tokenizer, query, image=images, hd_num=hd_num, history=history, use_meta=use_meta,
+                         **gen)
+    with stream:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    n = len(stream.result.ids)
+    print(f"[{n} tokens in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    return stream.result
+
+
+def _interactive(model, tokenizer, args: argparse.Namespace, gen: dict) -> int:
+    from ms_xcomposer.processing import VIDEO_EXTENSIONS, load_image
+
+    session = Session(model.config.spec.auto_image_placeholder)
+    session.pending = list(args.image or [])
+    print(f"interactive chat with {model.config.variant}. {SESSION_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return EXIT_OK
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, rest = text.partition(" ")
+            if command == "/exit":
+                return EXIT_OK
+            if command == "/reset":
+                session.reset()
+                print("[conversation reset]")
+            elif command == "/image":
+                path = rest.strip()
+                try:  # refuse unreadable files now, not in the middle of the next turn
+                    if not path.lower().endswith(VIDEO_EXTENSIONS):
+                        load_image(path)
+                    elif not os.path.isfile(path):
+                        raise FileNotFoundError(f"video file {path!r} not found")
+                except (ValueError, OSError) as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    continue
+                session.pending.append(path)
+                print(f"[image {path} attached to the next message]")
+            elif command == "/help":
+                print(SESSION_HELP)
+            else:
+                print(f"error: unknown command {command!r}; {SESSION_HELP}", file=sys.stderr)
+            continue
+        query, images, history = session.turn(line)
+        sys.stdout.write("assistant> ")
+        sys.stdout.flush()
+        try:
+            result = _answer(model, tokenizer, query, images, history, args.hd_num, args.use_meta, gen)
+        except KeyboardInterrupt:
+            print("\n[stopped]")
+            continue
+        except ValueError as e:  # prompt or image problems: the session goes on
+            print()
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        session.commit(result.history)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.model_dir):
+        raise FileNotFoundError(f"model directory {args.model_dir} does not exist")
+    for path in args.image or ():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image {path} does not exist")
+    gen = generation_kwargs(args)
+    model, tokenizer = load_model(args.model_dir, args.device, args.mode, args.dtype)
+    if args.query is None:
+        return _interactive(model, tokenizer, args, gen)
+    _answer(model, tokenizer, args.query, args.image or None, (), args.hd_num, args.use_meta, gen)
+    return EXIT_OK
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "chat", help="chat about images with a converted (or HF) model: one answer, or an interactive session",
+        description="Chat with an IXC2-VL / IXC2-4KHD / IXC-2.5 model: one answer with --query, otherwise an "
+                    "interactive multi-turn session with streamed answers.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="converted MindSpore directory (or an HF directory)")
+    parser.add_argument("--image", metavar="PATH", action="append",
+                        help="image file (repeat for several; a video file for IXC-2.5 needs PyAV)")
+    parser.add_argument("--query", help="the message; without it an interactive session starts")
+    parser.add_argument("--hd-num", type=positive_int, metavar="N",
+                        help="HD tile budget per image (default: the variant's: 24 for IXC-2.5, 25 for 4KHD; "
+                             "IXC-2.5 uses 6 with several images)")
+    parser.add_argument("--use-meta", action="store_true",
+                        help="IXC-2.5: send the default system prompt (IXC2-VL / 4KHD always send it)")
+    gen = parser.add_argument_group("decoding")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=1024, metavar="N",
+                     help="most new tokens per answer (default: 1024)")
+    gen.add_argument("--num-beams", type=positive_int, default=1, metavar="N", help="beam search width (default: 1)")
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    gen.add_argument("--top-p", type=float, default=0.8, help="sampling nucleus (default: 0.8)")
+    gen.add_argument("--top-k", type=int, help="sampling top-k (default: 50 when sampling)")
+    gen.add_argument("--seed", type=int, help="random seed of sampling")
+    gen.add_argument("--repetition-penalty", type=float, default=1.005,
+                     help="repetition penalty (default: 1.005, the official chat's; 1.0 disables it)")
+    add_runtime_arguments(parser)
+    parser.set_defaults(func=run)

@@ -1,0 +1,169 @@
+"""`ms-xcomposer demo`: the whole pipeline on a tiny random model, with nothing but the install.
+
+Steps: (1) create (or reuse) a tiny random IXC-2.5 checkpoint in the real HF layout in the cache directory,
+(2) convert it, (3) chat about the bundled image in PyNative mode, (4) compare with the PyTorch reference
+stage by stage when torch and transformers are installed, (5) chat in GRAPH mode (a first turn that compiles
+the graphs, then a follow-up whose new prompt length must not compile again). Then a short report.
+Exit 1 if a check fails: parity, PyNative and GRAPH answers identical, no recompilation for the follow-up.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+from typing import List, Optional, Tuple
+
+from ms_xcomposer.cli import EXIT_CHECK_FAILED, EXIT_OK
+
+EXAMPLES = """examples:
+  ms-xcomposer demo
+  ms-xcomposer demo --cache-dir /tmp/xc-demo --max-new-tokens 4
+  ms-xcomposer demo --no-parity          # skip the PyTorch comparison even when torch is installed
+
+The model is random (the `tiny-ixc2.5` preset: 2 decoder layers of width 256, a 2-layer CLIP tower, vocabulary
+1000): its answers are meaningless text. The demo shows the pipeline working end to end and reports conversion
+speed, tokens/s, parity figures and compiled graphs. The checkpoint is kept in the cache directory (default
+~/.cache/ms-xcomposer/demo, or $XDG_CACHE_HOME/ms-xcomposer/demo) and reused while its files are unchanged.
+Runs on CPU; about 1-3 minutes on 2 cores.
+"""
+QUERY = "Describe this image."
+FOLLOW_UP = "What colour is the sky?"
+PARITY_STEPS = 8
+
+
+def _rate(tokens_per_s) -> str:
+    return f"{tokens_per_s:.1f} tokens/s" if tokens_per_s is not None else "n/a tokens/s (a single token)"
+
+
+def _turn_line(stats, compiled_note: str = "") -> str:
+    return (f"{len(stats.ids)} new tokens in {stats.seconds:.1f} s: first token after {stats.first_token_s:.1f} s "
+            f"(image encoding + prefill{compiled_note}), then {_rate(stats.decode_tokens_per_s)}")
+
+
+def have_torch() -> bool:
+    """Whether the optional PyTorch side (torch and transformers) is installed."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
+def parity_step(skip: bool, model, tokenizer, hf_dir: str, hd_num: int) -> Tuple[str, Optional[str]]:
+    """Step 4: compare `model` with the PyTorch reference of `hf_dir` on the demo chat and print the table.
+
+    Returns (the report's parity line, a failure message or None). Skipped, with the reason, when `skip` or
+    when torch / transformers are not installed.
+    """
+    if skip or not have_torch():
+        line = ("skipped (--no-parity)" if skip else
+                "skipped: torch and transformers are not installed (pip install 'ms-xcomposer[parity]')")
+        print(f"[4/5] parity: {line}")
+        return line, None
+    from ms_xcomposer import demo
+    from ms_xcomposer.parity import compare_models, load_torch_side, tolerance_key
+
+    weights, compute = tolerance_key(model)
+    print(f"[4/5] parity with the PyTorch reference (PyNative; {weights} weights, {compute} compute; a bf16 "
+          "checkpoint is upcast once at load on CPU):", flush=True)
+    report = compare_models(model, load_torch_side(hf_dir), tokenizer, [demo.IMAGE], QUERY, hd_num, PARITY_STEPS)
+    print("\n".join("      " + line for line in report.format_table().splitlines()))
+    numeric = [s for s in report.stages if s.stage != "greedy tokens"]
+    worst_abs = max(numeric, key=lambda s: s.max_abs)
+    worst_rel = max(numeric, key=lambda s: s.rel_frobenius)
+    tokens = report.stage("greedy tokens")
+    figures = (f"largest max abs diff {worst_abs.max_abs:.1e} ({worst_abs.stage}), largest rel Frobenius "
+               f"{worst_rel.rel_frobenius:.1e} ({worst_rel.stage}), greedy tokens "
+               f"{'identical' if tokens.passed else 'DIFFER'} over {PARITY_STEPS} steps")
+    if report.passed:
+        return f"pass: all {len(report.stages)} stages within tolerance; {figures}", None
+    first = report.first_failure.stage
+    return f"FAILED from stage {first}; {figures}", f"parity fails from stage {first}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ms_xcomposer import demo, runtime
+    from ms_xcomposer.conversion.convert import convert
+    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
+    from ms_xcomposer.tokenizer import InternLM2Tokenizer
+
+    start = time.perf_counter()
+    cache_dir = os.path.abspath(os.path.expanduser(args.cache_dir or demo.default_cache_dir()))
+    print("ms-xcomposer demo: a tiny RANDOM IXC-2.5 model (preset tiny-ixc2.5) in the real Hugging Face layout.")
+    print("Its weights are random, so its answers are meaningless text: the demo shows the pipeline, not the model.")
+    failures: List[str] = []
+
+    ckpt = demo.ensure_checkpoint(cache_dir, rebuild=args.rebuild)
+    why = f" ({ckpt.reason})" if ckpt.reason else ""
+    print(f"[1/5] checkpoint {ckpt.status}{why} in {ckpt.seconds:.1f} s: {ckpt.hf_dir}")
+    print("      bf16 weights in 2 pickled .bin shards + index, config.json, SentencePiece tokenizer trained on the spot")
+
+    ms_dir = os.path.join(cache_dir, "ms")
+    conversion = convert(ckpt.hf_dir, ms_dir, overwrite=True)
+    print(f"[2/5] converted {conversion.summary()}", flush=True)
+
+    runtime.setup("CPU", "pynative")
+    tokenizer = InternLM2Tokenizer.from_pretrained(ms_dir)
+    model = XComposer2ForCausalLM.from_pretrained(ms_dir)
+    print(f"[3/5] PyNative chat, {QUERY!r} about {os.path.basename(demo.IMAGE)} (hd_num {args.hd_num}):", flush=True)
+    pynative = demo.timed_chat(model, tokenizer, QUERY, [demo.IMAGE], args.hd_num, args.max_new_tokens)
+    print(f"      answer: {pynative.response!r}")
+    print(f"      {_turn_line(pynative)}")
+
+    parity_line, parity_failure = parity_step(args.no_parity, model, tokenizer, ckpt.hf_dir, args.hd_num)
+    if parity_failure:
+        failures.append(parity_failure)
+
+    print("[5/5] GRAPH chat, the same question, then a follow-up (a longer prompt: the history):", flush=True)
+    runtime.setup("CPU", "graph")  # the same model: its compiled pieces are built on their first GRAPH call
+    try:
+        graph = demo.timed_chat(model, tokenizer, QUERY, [demo.IMAGE], args.hd_num, args.max_new_tokens)
+        follow = demo.timed_chat(model, tokenizer, FOLLOW_UP, [demo.IMAGE], args.hd_num, args.max_new_tokens,
+                                 history=graph.history)
+    finally:
+        runtime.setup("CPU", "pynative")
+    print(f"      answer: {graph.response!r}")
+    print(f"      {_turn_line(graph, f', compiling {graph.graphs} graphs')}")
+    print(f"      follow-up {FOLLOW_UP!r}: {follow.response!r}")
+    print(f"      {_turn_line(follow)}")
+    same = graph.ids == pynative.ids
+    if not same:
+        failures.append("the GRAPH answer differs from the PyNative answer")
+    if follow.graphs != graph.graphs:
+        failures.append(f"the follow-up compiled {follow.graphs - graph.graphs} more graph(s)")
+
+    print()
+    print("report (a random model: the text is meaningless, the numbers are real)")
+    print(f"  conversion        {conversion.gb_per_s:.2f} GB/s ({conversion.tensors} tensors, "
+          f"{conversion.bytes_read / 1e6:.1f} MB in {conversion.seconds:.2f} s)")
+    print(f"  PyNative          {_rate(pynative.decode_tokens_per_s)}, first token after {pynative.first_token_s:.1f} s")
+    print(f"  GRAPH             {_rate(follow.decode_tokens_per_s)}, first token after {follow.first_token_s:.1f} s "
+          f"(follow-up; the first turn took {graph.first_token_s:.1f} s with compilation)")
+    print(f"  graphs compiled   {graph.graphs} in the first GRAPH turn, "
+          f"{follow.graphs - graph.graphs} more for the follow-up")
+    print(f"  PyNative = GRAPH  {'identical tokens' if same else 'DIFFERENT tokens'} ({len(pynative.ids)} tokens)")
+    print(f"  parity            {parity_line}")
+    print(f"  total             {time.perf_counter() - start:.1f} s")
+    if failures:
+        print("demo: FAILED: " + "; ".join(failures))
+        return EXIT_CHECK_FAILED
+    print("demo: OK")
+    return EXIT_OK
+
+
+def register(subparsers) -> None:
+    from ms_xcomposer.commands.chat import positive_int
+
+    parser = subparsers.add_parser(
+        "demo", help="run the whole pipeline on a tiny random model (needs nothing but the install)",
+        description="Create a tiny random IXC-2.5 checkpoint in the real HF layout, convert it, chat about a "
+                    "bundled image in PyNative and GRAPH mode, compare with the PyTorch reference when torch is "
+                    "installed, and report speed, parity and compiled graphs.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="where the demo checkpoint is kept (default: ~/.cache/ms-xcomposer/demo)")
+    parser.add_argument("--rebuild", action="store_true", help="recreate the checkpoint even if the cache is valid")
+    parser.add_argument("--hd-num", type=positive_int, default=1, metavar="N",
+                        help="HD tile budget for the 896x448 image (default: 1 tile; 2 or more: 2 tiles, a longer prompt)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=12, metavar="N",
+                        help="new tokens per answer (default: 12)")
+    parser.add_argument("--no-parity", action="store_true", help="skip the comparison with PyTorch")
+    parser.set_defaults(func=run)
