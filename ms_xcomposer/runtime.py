@@ -30,10 +30,20 @@ def setup(device: str = "CPU", mode: str = "pynative", device_id: int = 0) -> No
     device = normalise_device(device)
     if mode.lower() not in MODES:
         raise RuntimeConfigError(f"unknown mode {mode!r}; expected 'pynative' or 'graph'")
+    if device != current_device():  # set_device is refused once a kernel has run, even for the same device
+        try:
+            if device == "CPU":
+                ms.set_device("CPU")
+            else:
+                ms.set_device(device, device_id)
+        except RuntimeError as e:
+            raise RuntimeConfigError(f"cannot switch to {device} after MindSpore has run in this process: "
+                                     f"select the device first ({e})") from None
     if device == "CPU":
-        ms.set_device("CPU")
-    else:
-        ms.set_device(device, device_id)
+        # PyNative's asynchronous dispatch makes the Python thread spin-wait for the backend queue, taking a
+        # core from the kernels: on 2 cores one 577x1024 @ 1024x4096 MatMul ran 248 ms async vs 130 ms synced
+        # (docs/performance.md, matmul section). Kernels still use all op threads.
+        ms.set_context(pynative_synchronize=True)
     ms.set_context(mode=MODES[mode.lower()])
 
 

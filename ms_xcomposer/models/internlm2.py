@@ -65,6 +65,11 @@ class InternLM2Attention(nn.Cell):
         self.wo = PLoRALinear(cfg.hidden_size, cfg.hidden_size, plora["wo"].rank, plora["wo"].alpha,
                               task_adapters, task_rank, dtype)
         self.inv_sqrt_d = 1.0 / math.sqrt(self.head_dim)
+        # Batched products with the transpose as a flag: `keys.swapaxes(-1, -2)` copied the whole key cache
+        # every step (CPU Transpose kernel), and `ops.matmul` adds a BroadcastTo in GRAPH mode.
+        self.bmm_nt = ops.BatchMatMul(transpose_b=True)
+        self.bmm = ops.BatchMatMul()
+        self.bias_add = ops.BiasAdd()
 
     def construct(self, x, im_mask, cos, sin, positions, bias, k_cache, v_cache, use_plora, infer_mode):
         """x [B,S,H]; cos/sin [S,D]; positions [S] int32; bias [S,C] float32; caches [B,KV,C,D].
@@ -83,10 +88,12 @@ class InternLM2Attention(nn.Cell):
         k_cache = ops.tensor_scatter_elements(k_cache, index, k.astype(k_cache.dtype), axis=2)
         v_cache = ops.tensor_scatter_elements(v_cache, index, v.astype(v_cache.dtype), axis=2)
         keys, values = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
-        scores = ops.matmul(q.reshape(b, kv, g * s, d), keys.swapaxes(-1, -2)) * self.inv_sqrt_d
-        scores = scores.astype(ms.float32).reshape(b, kv, g, s, -1) + bias
-        probs = ops.softmax(scores, -1).astype(x.dtype).reshape(b, kv, g * s, -1)
-        out = ops.matmul(probs, values).reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, -1)
+        scores = self.bmm_nt(q.reshape(b, kv, g * s, d), keys) * self.inv_sqrt_d
+        # The [S, C] bias is added to each (batch, head) block as a BiasAdd over the flattened [S * C] axis:
+        # MindSpore's CPU broadcasting Add runs single-threaded, 10x slower on prefill-sized scores.
+        scores = self.bias_add(scores.astype(ms.float32).reshape(b * kv * g, -1), bias.reshape(-1))
+        probs = ops.softmax(scores.reshape(b, kv, g * s, -1), -1).astype(x.dtype)
+        out = self.bmm(probs, values).reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, -1)
         return self.wo(out, im_mask, use_plora, infer_mode), k_cache, v_cache
 
 

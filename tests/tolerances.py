@@ -1,0 +1,6 @@
+"""Tolerances for parity tests: a re-export of `ms_xcomposer.tolerances`, the project's one table.
+
+The table lives in the library because the `parity` command applies the same bounds; tests import
+`TOLERANCES`, `metrics` and `assert_close` from here (or from the library) and never keep their own.
+"""
+from ms_xcomposer.tolerances import TOLERANCES, assert_close, bounds, magnitude, metrics, tolerance  # noqa: F401
