@@ -1,0 +1,14 @@
+"""Checkpoint conversion: HF XComposer2 checkpoints <-> MindSpore checkpoint directories, streamed and exact.
+
+- `readers.open_checkpoint(path)`: lazy reader over an HF dir (.bin / safetensors) or a converted dir.
+- `keymap`: the one HF <-> MindSpore name table; `model_parameter_shapes(config)`.
+- `convert.convert`, `convert.export_hf`, `convert.verify`: the library behind the CLI commands.
+- `synthetic.write_random_hf_checkpoint`: tiny (or benchmark-sized) random checkpoints in the real HF layout.
+
+The converted directory layout is documented in `layout`.
+"""
+from ms_xcomposer.conversion.errors import CheckpointError, DestinationExistsError, UnsafePickleError
+from ms_xcomposer.conversion.readers import CheckpointReader, open_checkpoint, to_mindspore_tensor
+
+__all__ = ["CheckpointError", "DestinationExistsError", "UnsafePickleError", "CheckpointReader", "open_checkpoint",
+           "to_mindspore_tensor"]
