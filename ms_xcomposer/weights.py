@@ -7,6 +7,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from ms_xcomposer.conversion import keymap
+
 
 
 class WeightsError(ValueError):
@@ -39,13 +41,19 @@ class DictSource:
         return self.tensors[key]
 
 
+def _is_buffer(name: str) -> bool:
+    """A checkpoint entry the key table drops as a non-weight buffer (e.g. `rotary_emb.inv_freq`)."""
+    match = keymap.match_hf(name)
+    return match is not None and match.rule.kind == keymap.DROP
+
+
 def load_weights(model: nn.Cell, source: TensorSource, dtype: Optional[ms.dtype] = None) -> None:
     """Set every Parameter of `model` from `source`, bit-exactly unless `dtype` asks for a conversion.
 
     Raises WeightsError listing missing keys, unexpected keys and shape mismatches (all of them at once).
     """
     params = dict(model.parameters_and_names())
-    present = [k for k in source.keys() if not k.endswith("rotary_emb.inv_freq")]  # a buffer, not a weight
+    present = [k for k in source.keys() if not _is_buffer(k)]
     missing = sorted(set(params) - set(present))
     unexpected = sorted(set(present) - set(params))
     wrong = [f"{k}: checkpoint {tuple(source.shape(k))}, model {tuple(params[k].shape)}"
