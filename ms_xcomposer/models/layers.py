@@ -12,6 +12,7 @@ def zeros_param(shape, dtype=ms.float32, name: str = "weight") -> Parameter:
 
 
 _MATMUL_NT = ops.MatMul(transpose_b=True)
+_BIAS_ADD = ops.BiasAdd()  # the CPU broadcasting Add runs single-threaded; BiasAdd is the same sum, threaded
 
 
 def linear(x, weight, bias=None):
@@ -25,7 +26,7 @@ def linear(x, weight, bias=None):
     w = weight if weight.dtype == x.dtype else ops.cast(weight, x.dtype)
     y = _MATMUL_NT(x.reshape(-1, weight.shape[1]), w)  # the weight's static width: x's may be dynamic
     if bias is not None:
-        y = y + (bias if bias.dtype == x.dtype else ops.cast(bias, x.dtype))
+        y = _BIAS_ADD(y, bias if bias.dtype == x.dtype else ops.cast(bias, x.dtype))
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 

@@ -44,5 +44,8 @@ class PLoRALinear(nn.Cell):
         elif infer_mode == "write":
             y = y + self.lora_sft_B(self.lora_sft_A(x)) + self.lora_dpo_B(self.lora_dpo_A(x))
         if use_plora:
-            y = y + self.Plora_B(self.Plora_A(x)) * (im_mask * self.lora_scale)
+            # Mask and scale applied to the rank-r activations, not the [S, out] product: the same values
+            # (a 0/1 row mask and, in the released checkpoints, a power-of-two scale commute exactly with B)
+            # at r/out of the cost of MindSpore's CPU broadcasting Mul.
+            y = y + self.Plora_B(self.Plora_A(x) * (im_mask * self.lora_scale))
         return y

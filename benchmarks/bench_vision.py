@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""Vision speed: full-size CLIP ViT-L/14 tower + projector, MindSpore GRAPH and PyNative vs the PyTorch reference.
+
+Random fp32 weights (`ReferenceXComposer2.random_state_dict`) are copied into both models; the language model
+is cut to no layers (it is not used). Each case runs the models' own image path, `encode_img(pixels)`:
+the ViT over every view, (HD variants) the 2x2 merge and separator layout, then `vision_proj`.
+
+Cases:
+- `336`: one 336x336 view, the stored 24x24 position grid (CLIP-L/14-336), projector 1024 -> 4096 -> 4096;
+- `490`: IXC2-VL's input, one 490x490 view (its checkpoint stores the 35x35 grid);
+- `560hd4`: IXC-2.5 with hd_num 4 on a square 1120x1120 image: global view + 2x2 tiles = 5 views of 560,
+  merged 40x40 -> 20x20 x 4096, projector 4096 -> 4096 -> 4096.
+
+The implementations run interleaved (GRAPH, PyTorch, PyNative, GRAPH, ...) after one warm-up call each (the
+GRAPH warm-up includes its compilation, reported apart; at 560hd4, one call of a few minutes, only GRAPH warms
+up); each case runs in its own process. Reported: median wall seconds, the ratio to PyTorch,
+and CPU-seconds per call (all threads; less sensitive to other processes' load than wall time). Targets:
+GRAPH <= 1.0x PyTorch, PyNative <= 2.0x PyTorch. Writes the `vision` section of docs/performance.md.
+
+    python benchmarks/bench_vision.py                    # all cases (~8 min on 2 cores, ~12 GB peak)
+    python benchmarks/bench_vision.py --cases 336 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _report  # noqa: E402
+
+# case -> (preset, image size, tile size, default rounds, PyNative by default, description)
+CASES = {
+    "336": ("ixc2-vl-7b", 336, 336, 3, True, "336x336, 1 view (577 tokens), stored grid"),
+    "490": ("ixc2-vl-7b", 490, 490, 2, True, "490x490 IXC2-VL, 1 view (1226 tokens), its stored 35x35 grid"),
+    "560hd4": ("ixc2.5-7b", 1120, 560, 1, False,
+               "IXC-2.5 hd_num 4: global + 2x2 tiles, 5 views of 560 (1601 tokens each)"),
+}
+
+
+def build_models(preset_name: str, tile: int, seed: int = 0):
+    """(MindSpore model, PyTorch reference): full CLIP-L tower + projector, no LLM layers, same weights."""
+    import mindspore as ms
+
+    from ms_xcomposer.config import preset
+    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
+    from ms_xcomposer.reference.model import ReferenceXComposer2
+    from ms_xcomposer.weights import DictSource, load_weights
+
+    base = preset(preset_name)
+    cfg = dataclasses.replace(
+        base, llm=dataclasses.replace(base.llm, num_hidden_layers=0, vocab_size=16),
+        vision=dataclasses.replace(base.vision, image_size=tile),
+        task_adapters=())
+    ref = ReferenceXComposer2.from_pretrained(ReferenceXComposer2.random_state_dict(cfg, seed), cfg)
+    model = XComposer2ForCausalLM(cfg, dtype=ms.float32, compute_dtype=ms.float32)
+    load_weights(model, DictSource({k: v.numpy() for k, v in ref.state_dict().items()}))
+    return model, ref
+
+
+def run_case(name: str, rounds: int, pynative: bool) -> Dict[str, object]:
+    import mindspore as ms
+    import torch
+
+    preset_name, size, tile = CASES[name][:3]
+    model, ref = build_models(preset_name, tile)
+    pixels = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
+
+    outputs: Dict[str, np.ndarray] = {}
+
+    def ms_call(ctx, name):
+        def call():
+            ms.set_context(mode=ctx)
+            outputs[name] = model.encode_img(pixels).asnumpy()
+        return call
+
+    @torch.no_grad()
+    def torch_call():
+        outputs["PyTorch"] = ref.encode_img(torch.from_numpy(pixels)).numpy()
+
+    candidates = {"MindSpore GRAPH": ms_call(ms.GRAPH_MODE, "MindSpore GRAPH"), "PyTorch": torch_call}
+    if pynative:
+        candidates["MindSpore PyNative"] = ms_call(ms.PYNATIVE_MODE, "MindSpore PyNative")
+    t = time.perf_counter()
+    candidates["MindSpore GRAPH"]()  # compiles
+    compile_s = time.perf_counter() - t
+    if rounds > 1:  # first-call allocations of the others; skipped where one call takes minutes (560hd4)
+        for name in list(candidates)[1:]:
+            candidates[name]()
+    wall, cpu = _report.interleaved(candidates, rounds, warmup=0)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    max_diff = float(np.abs(outputs["MindSpore GRAPH"] - outputs["PyTorch"]).max())
+    return {"wall": wall, "cpu": cpu, "compile_s": compile_s, "max_diff": max_diff,
+            "tokens": int(outputs["PyTorch"].shape[1])}
+
+
+def profile_case(case: str) -> str:
+    """One GRAPH call under MindSpore's profiler, one PyTorch call under torch.profiler: op time by kind."""
+    import mindspore as ms
+    import torch
+
+    preset_name, size, tile = CASES[case][:3]
+    model, ref = build_models(preset_name, tile)
+    pixels = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    model.encode_img(pixels).asnumpy()  # compile
+    with torch.no_grad():
+        ref.encode_img(torch.from_numpy(pixels))
+    return _report.op_kind_table(_report.ms_op_times(lambda: model.encode_img(pixels).asnumpy()),
+                                 _report.torch_op_times(lambda: ref.encode_img(torch.from_numpy(pixels))))
+
+
+def child(case: str, rounds: int, pynative: bool, profile: bool = False) -> None:
+    """Runs one case (or its profile) in this (fresh) process and prints the result as one JSON line."""
+    _report.setup_mindspore("graph")
+    res = {"profile": profile_case(case)} if profile else run_case(case, rounds, pynative)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def run_in_child(case: str, rounds: int, pynative: bool, profile: bool = False) -> Dict[str, object]:
+    """Each case in its own process: MindSpore's memory pool keeps its peak (~9 GB of activations for the 5
+    views at 560), so cases in one process would add up."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--rounds", str(rounds)]
+    if not pynative:
+        cmd.append("--no-pynative")
+    if profile:
+        cmd.append("--profile-child")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"case {case} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    res = json.loads(lines[-1][len("RESULT "):])
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    res["peak_rss_gb"] = usage  # the largest child so far
+    return res
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default: per case)")
+    parser.add_argument("--pynative", choices=("default", "all", "none"), default="default",
+                        help="MindSpore PyNative: in the 336 and 490 cases (default), all cases, or none")
+    parser.add_argument("--no-pynative", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", default="336", help="case profiled op by op in both frameworks ('' for none)")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.rounds, not args.no_pynative, args.profile_child)
+        return 0
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; expected from {list(CASES)}")
+
+    load_before = _report.load_average()
+    rows: List[List[object]] = []
+    checks: List[List[object]] = []
+    notes: List[str] = []
+    for case in cases:
+        rounds = args.rounds or CASES[case][3]
+        pynative = args.pynative == "all" or (args.pynative == "default" and CASES[case][4])
+        res = run_in_child(case, rounds, pynative)
+        wall, cpu = res["wall"], res["cpu"]
+        base = _report.median(wall["PyTorch"])
+        for impl in wall:
+            med = _report.median(wall[impl])
+            rows.append([case, impl, f"{med:.2f}", f"{med / base:.2f}x", f"{_report.median(cpu[impl]):.2f}",
+                         f"{_report.median(cpu[impl]) / _report.median(cpu['PyTorch']):.2f}x", len(wall[impl])])
+        g = _report.median(wall["MindSpore GRAPH"]) / base
+        checks.append([f"{case}: GRAPH <= 1.0x PyTorch", _report.verdict(g <= 1.0), f"{g:.2f}x"])
+        if "MindSpore PyNative" in wall:
+            p = _report.median(wall["MindSpore PyNative"]) / base
+            checks.append([f"{case}: PyNative <= 2.0x PyTorch", _report.verdict(p <= 2.0), f"{p:.2f}x"])
+        notes.append(f"{case}: {CASES[case][5]}; {res['tokens']} image embeddings; GRAPH first call "
+                     f"(compile + run) {res['compile_s']:.1f} s; max |GRAPH - PyTorch| = {res['max_diff']:.2e}; "
+                     f"peak RSS of the case's process (both models) {res['peak_rss_gb']:.1f} GB")
+        print(f"done {case}", flush=True)
+
+    profile = run_in_child(args.profile, 1, False, profile=True)["profile"] if args.profile else ""
+    main_table = _report.table(["case", "implementation", "wall s (median)", "vs PyTorch", "CPU s", "CPU vs PyTorch",
+                                "rounds"], rows)
+    check_table = _report.table(["target", "result", "measured"], checks)
+    print(main_table)
+    print(check_table)
+    print("\n".join(notes))
+    if profile:
+        print(profile)
+    if not args.no_write:
+        body = "\n\n".join([
+            "## Vision tower + projector (`python benchmarks/bench_vision.py`)",
+            "Full-size CLIP ViT-L/14 (24 layers, width 1024) + projector, random weights, fp32, batch = the "
+            "views of one image; each case in its own process. PyNative is measured at 336 and 490 (at 560 x 5 "
+            "views one PyNative call takes as long as the rest of the case).\n\nMachine: "
+            + _report.machine_line(load_before),
+            main_table, check_table, "\n".join(f"- {n}" for n in notes),
+        ] + ([f"### Where the time goes: case {args.profile}, one call each, op time by kind\n\n"
+              "MindSpore profiler (op execution time per op type) against torch.profiler (self time of aten ops), "
+              "same process, same weights.\n\n" + profile, VISION_ANALYSIS] if profile else []))
+        print("wrote", _report.write_section("vision", body))
+    return 0 if all(c[1] == "PASS" for c in checks) else 1
+
+
+VISION_ANALYSIS = """What limits the GRAPH tower on this CPU, from the profile above: the matmuls, which are oneDNN
+`brg_matmul:avx512_core` (fp32) in MindSpore against MKL sgemm in PyTorch. On the 577-row products of the
+336 case oneDNN is slower, most on the N=1024 ones (q/k/v/out projections, fc2): in interleaved runs
+577x1024 @ 1024x1024 took about 2x MKL's time and 577x4096 @ 4096x1024 about 1.6x, while 1024- to 1226-row
+products are within 10% (`matmul` section). That is why 336 misses the target and 490 / 560hd4 (1226 and
+5 x 1601 rows, where PyTorch's eager attention is also slower) meet it. The other ops are a small share
+after the fixes (no per-call weight transposes, BiasAdd for biases); MindSpore's CPU LayerNorm is ~10x
+PyTorch's but 4% of the call. The load average is printed with each table: under load (another process on
+a core) PyTorch's OpenMP threads lose more than MindSpore's thread pool and the ratios move in MindSpore's
+favour."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
