@@ -39,8 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         force_reference=True)
     print(report.format_table())
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(report.to_json() + "\n")
+        report.write_json(args.json)
     first = report.first_failure
     if first is None:
         worst = max((s for s in report.stages if s.stage != "greedy tokens"), key=lambda s: s.rel_frobenius)

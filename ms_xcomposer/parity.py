@@ -116,6 +116,11 @@ class ParityReport:
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
+    def write_json(self, path: str) -> None:
+        """Write `to_json()` to `path`."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json() + "\n")
+
     def format_table(self) -> str:
         """The stages as a fixed-width text table (stage, max abs, rel Frobenius, tolerance, result, note)."""
         rows = [("stage", "max abs", "rel frob", "tolerance", "result", "note")]

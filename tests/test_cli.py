@@ -21,7 +21,6 @@ from ms_xcomposer import cli
 from ms_xcomposer.commands import chat as chat_command
 from ms_xcomposer.commands import demo as demo_command
 from ms_xcomposer.config import preset
-from ms_xcomposer.conversion.convert import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data", "ixc25_tiny")
@@ -48,23 +47,6 @@ def back_to_pynative():
 def golden():
     with open(os.path.join(DATA, "golden.json"), encoding="utf-8") as f:
         return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    dst = str(tmp_path_factory.mktemp("cli") / "ms")
-    convert(GOLDEN_BIN, dst)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def library(converted):
-    """The converted golden model and tokenizer, loaded by the library in PyNative mode."""
-    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
-    from ms_xcomposer.tokenizer import InternLM2Tokenizer
-
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    return XComposer2ForCausalLM.from_pretrained(converted), InternLM2Tokenizer.from_pretrained(converted)
 
 
 def lib_chat(library, query, image, history=(), **kwargs):

@@ -12,7 +12,6 @@ import mindspore as ms
 import pytest
 
 from helpers_checkpoints import GOLDEN_BIN
-from ms_xcomposer.conversion.convert import convert
 from ms_xcomposer.conversion.readers import open_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,22 +33,6 @@ def back_to_pynative():
     ms.set_context(mode=ms.PYNATIVE_MODE)
     yield
     ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    dst = str(tmp_path_factory.mktemp("examples") / "ms")
-    convert(GOLDEN_BIN, dst)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def library(converted):
-    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
-    from ms_xcomposer.tokenizer import InternLM2Tokenizer
-
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    return XComposer2ForCausalLM.from_pretrained(converted), InternLM2Tokenizer.from_pretrained(converted)
 
 
 def test_convert_and_chat_gives_the_official_answer(tmp_path, capsys):

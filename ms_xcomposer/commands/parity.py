@@ -33,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
           f"prompt {report.inputs['prompt_length']} rows ({report.inputs['image_tokens']} image)")
     print(report.format_table())
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(report.to_json() + "\n")
+        report.write_json(args.json)
     first = report.first_failure
     if first is None:
         print(f"parity: all {len(report.stages)} stages pass")

@@ -103,7 +103,7 @@ class _VisionEncode(_GraphPiece):
 
     def _hd_layout(self, feats):
         n, _, c = feats.shape
-        g, m, h, w = self.g, self.g // 2, self.grid_h, self.grid_w
+        m, h, w = self.g // 2, self.grid_h, self.grid_w
         # 2x2 merge: [n, g, g, C] -> [n, m, m, 4C], channels ordered (row offset, column offset, C).
         merged = feats.reshape(n, m, 2, m, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, m, m, 4 * c)
         sub_gn = self.owner.plora_sub_GN.astype(feats.dtype)
