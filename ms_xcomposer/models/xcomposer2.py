@@ -8,6 +8,7 @@ sub-cells (so parameter names stay the HF keys) and that MindSpore compiles in G
 - `_LLMStep`: embeddings -> decoder layers (KV cache in/out) -> norm -> logits. Sequence and cache capacity
   dimensions are dynamic, so every prefill length and every decode step reuse one graph per flag set
   (PLoRA on/off, task mode, last-position logits, hidden states).
+- `_EmbedTokens`: the token-embedding lookup, dynamic batch and sequence (one graph for every prompt and step).
 - `_VisionEncode`: ViT over the global view + tiles, 2x2 merge, separator layout, projector. Static shapes,
   one graph per tile grid (h, w).
 """
@@ -82,6 +83,17 @@ class _LLMStep(_GraphPiece):
             x = x[:, -1:]
         logits = self.owner.output(llm.norm(x)).astype(ms.float32)
         return logits, new_k, new_v, hidden
+
+
+class _EmbedTokens(_GraphPiece):
+    """[B, S] int32 ids -> [B, S, hidden] embeddings; batch and sequence dynamic, so one graph serves all."""
+
+    def __init__(self, owner):
+        super().__init__(owner)
+        self.set_inputs(Tensor(shape=[None, None], dtype=ms.int32))
+
+    def construct(self, ids):
+        return self.owner.model.tok_embeddings(ids, self.owner.compute_dtype)
 
 
 class _VisionEncode(_GraphPiece):
@@ -173,7 +185,7 @@ class XComposer2ForCausalLM(nn.Cell):
     def embed_tokens(self, input_ids) -> Tensor:
         """[B, S] token ids -> [B, S, hidden] embeddings in the compute dtype."""
         ids = input_ids if isinstance(input_ids, Tensor) else Tensor(np.asarray(input_ids, dtype=np.int32))
-        return self.model.tok_embeddings(ids.astype(ms.int32), self.compute_dtype)
+        return self._piece(("embed",), lambda: _EmbedTokens(self))(ids.astype(ms.int32))
 
     def __call__(self, input_ids=None, inputs_embeds=None, im_mask=None, past_key_values: Optional[KVCache] = None,
                  use_cache: bool = False, infer_mode: str = "base", last_logits_only: bool = False,
