@@ -11,7 +11,7 @@ class and time them. On a fresh model (tiny and mid configs of `bench_e2e.py`, r
    language model's graphs (dynamic sequence and cache dimensions) are reused.
 Writes the `compile` section of docs/performance.md.
 
-    python benchmarks/bench_compile.py          # ~2 min on 2 cores
+    python benchmarks/bench_compile.py          # ~3 min on 2 cores
 """
 from __future__ import annotations
 
@@ -119,7 +119,8 @@ def main() -> int:
             "IXC-2.5 chat turns, greedy. `_LLMStep` graphs have dynamic sequence and cache dimensions: one with "
             "PLoRA (prefill with image rows) and one without (decode steps, text-only prefill) serve every length; "
             "`_VisionEncode` compiles once per tile grid (static shapes); `Embedding` is the token-embedding Cell "
-            "the prompt builder and each decode step call.\n\nMachine: " + _report.machine_line(load_before),
+            "the prompt builder and each decode step call: it has static shapes, so every new text-piece length "
+            "compiles it again (turn 3); declaring its length dynamic (`set_inputs`) would remove those.\n\nMachine: " + _report.machine_line(load_before),
             main_table, check_table,
         ])
         print("wrote", _report.write_section("compile", body))

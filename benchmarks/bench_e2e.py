@@ -14,7 +14,7 @@ reaching the streamer; tokens/s = new tokens after the first / the time they too
 interleaved (GRAPH, PyTorch, PyNative, ...) after a warm-up turn each (GRAPH compiles then; reported apart).
 Writes the `e2e` section of docs/performance.md.
 
-    python benchmarks/bench_e2e.py                  # tiny and mid (~3 min on 2 cores)
+    python benchmarks/bench_e2e.py                  # tiny and mid (~5 min on 2 cores)
     python benchmarks/bench_e2e.py --configs tiny --rounds 5
 """
 from __future__ import annotations

@@ -4,7 +4,8 @@
 Micro-benchmarks of the products the models run, MindSpore vs PyTorch interleaved in one process (median of
 `--rounds`), with wall time and CPU time (all threads of the process, so a thread that spins shows up):
 
-1. 577x1024 @ 1024x4096 (a CLIP-L fc1 at 336): `MatMul(transpose_b=True)` on the stored [out, in] weight (what
+1. 577x1024 @ 1024x4096 (a CLIP-L fc1 at 336), then the other CLIP shapes (577x1024 @ 1024x1024,
+   577x4096 @ 4096x1024) and a prefill FFN product (1024x4096 @ 4096x14336): `MatMul(transpose_b=True)` on the stored [out, in] weight (what
    `ms_xcomposer.models.layers.linear` runs), `ops.matmul(x, W.T)` (the former `Linear`), `ops.dense`,
    `mint.nn.functional.linear`, `BatchMatMul` on a 3-D input; PyTorch `F.linear` (MKL sgemm) and PyTorch
    through oneDNN (`torch._C._nn.mkldnn_linear`, the library MindSpore's CPU MatMul uses).
@@ -76,6 +77,14 @@ def products(rounds: int) -> List[List[object]]:
         "PyTorch W.t().contiguous()": lambda: wt.t().contiguous(),
         "MS ops.transpose(W, (1, 0))": lambda: ops.transpose(wm, (1, 0)).asnumpy(),
     }, "PyTorch W.t().contiguous()")
+    for m, k, n in ((577, 1024, 1024), (577, 4096, 1024), (1024, 4096, 14336)):
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((n, k), dtype=np.float32)
+        am, bm, at, bt = Tensor(a), Tensor(b), torch.from_numpy(a), torch.from_numpy(b)
+        block(f"{m}x{k} @ {k}x{n}", {
+            "PyTorch F.linear (MKL)": lambda: torch.nn.functional.linear(at, bt),
+            "MS MatMul(transpose_b=True)": lambda: mm_nt(am, bm).asnumpy(),
+        }, "PyTorch F.linear (MKL)")
     gv = rng.standard_normal((14336, 4096), dtype=np.float32)
     v = np.ones((1, 4096), np.float32)
     gvm, vm, gvt, vt = Tensor(gv), Tensor(v), torch.from_numpy(gv), torch.from_numpy(v)
@@ -133,32 +142,36 @@ def settings(rounds: int) -> List[List[object]]:
 
 FINDINGS = """### Findings
 
-- The kernel is not the problem. MindSpore's CPU `MatMul`/`BatchMatMul` run oneDNN's `brg_matmul:avx512_core`
-  (fp32; `ONEDNN_VERBOSE=1` shows it), PyTorch's `F.linear` runs MKL's sgemm. On the same product oneDNN takes
-  about 1.1-1.3x MKL's CPU time, in PyTorch's own oneDNN path too (row "PyTorch via oneDNN").
-- What made MindSpore 2-4x slower was around the kernel:
+- Kernels: MindSpore's CPU `MatMul`/`BatchMatMul` run oneDNN (`brg_matmul:avx512_core` for fp32 products,
+  `gemm:jit:f32` for one-row products; `ONEDNN_VERBOSE=1` shows it); PyTorch's `F.linear` runs MKL. The
+  tables above give the ratio per shape: near parity on large products (the prefill FFN row), slower on the
+  577-row CLIP products, most where N = 1024. MindSpore's wall times include `.asnumpy()` of the result.
+  No MindSpore CPU op reaches another kernel for these products (`ops.dense`, `mint.matmul`, `ops.mv`,
+  `BatchMatMul` all end in oneDNN; `mint.mm`, `mint.addmm`, `mint.mv` have no CPU kernel).
+- What made MindSpore 2-4x slower in the first measurements was around the kernel:
   1. `x @ W.T` (and `ops.dense` in PyNative) materialises the transposed weight on every call, and the CPU
-     `Transpose` kernel is slow (second table: several times PyTorch's copy). In GRAPH mode `ops.matmul` of a
-     3-D input and a 2-D weight also becomes `BroadcastTo` + `BatchMatMul`. `layers.linear` now runs one 2-D
-     `MatMul(transpose_b=True)` on the stored weight (no copy). Profile of a 2-layer CLIP-L at 336 in GRAPH
-     mode (MindSpore profiler, op time per call): before, BatchMatMul 56% + Transpose 30% of 2234 ms;
-     after, MatMul 75%, Transpose 1% of 1406 ms, outputs bit-identical.
-  2. PyNative dispatch is asynchronous by default, and the Python thread spin-waits (`AsyncRQueue::Wait`,
-     `sched_yield`) for the backend queue: on 2 cores that thread takes a core from oneDNN's two threads
-     (the CPU column shows it). `ms_xcomposer.runtime.setup` sets `pynative_synchronize=True` on CPU.
-  3. The attention took `keys.swapaxes(-1, -2)` of the whole KV cache every step (a Transpose of
-     [1, 8, capacity, 128] per layer: 9% of a decode step) and `ops.matmul` added BroadcastTo; it now uses
-     `BatchMatMul(transpose_b=True)` / `BatchMatMul`.
-- Thread settings change little (last table): MindSpore uses 2 op threads by default on 2 cores;
-  `runtime_num_threads` and `OMP_NUM_THREADS` do not change oneDNN's thread count here, and lowering the ISA
-  to AVX2 is slower. The remaining gap on compute-bound products is oneDNN vs MKL (above) and the CPU
-  Transpose / Contiguous kernels used for attention head layouts.
+     `Transpose` kernel is slow (transpose table). In GRAPH mode `ops.matmul` of a 3-D input and a 2-D weight
+     also becomes `BroadcastTo` + `BatchMatMul`. `layers.linear` now runs one 2-D `MatMul(transpose_b=True)`
+     on the stored weight. MindSpore profiler, 2-layer CLIP-L at 336, GRAPH, op time per call (measured
+     during the investigation at load ~7): before, BatchMatMul 56% + Transpose 30% of 2234 ms; after,
+     MatMul 75%, Transpose 1% of 1406 ms, outputs bit-identical.
+  2. PyNative dispatch is asynchronous by default and the Python thread spin-waits (`AsyncRQueue::Wait`,
+     `sched_yield` in a `perf` profile) for the backend queue: on 2 cores it takes a core from oneDNN's two
+     threads (dispatch table). `ms_xcomposer.runtime.setup` sets `pynative_synchronize=True` on CPU.
+  3. Broadcasting elementwise kernels (`Add`/`Mul` of [N, M] with [M] or [N, 1]) run single-threaded, about
+     10x slower than same-shape ones: biases now use `BiasAdd` (`layers.linear`, the attention mask), and
+     PLoRA's image-row mask multiplies the rank-r activations instead of the [S, out] product.
+  4. The attention took `keys.swapaxes(-1, -2)` of the whole KV cache every step (a Transpose of
+     [1, 8, capacity, 128] per layer, 9% of a decode step); it now uses `BatchMatMul(transpose_b=True)`.
+- Settings (last table): none beats the default (two op threads on 2 cores); `runtime_num_threads=1` halves
+  the kernel threads, `ONEDNN_MAX_CPU_ISA=AVX2` loses AVX-512; `ms.runtime.set_cpu_affinity(True)` was also
+  slower in a trial.
 """
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per product (default 5)")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per product (default 9)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
     args = parser.parse_args()
     load_before = _report.load_average()

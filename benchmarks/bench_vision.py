@@ -17,7 +17,7 @@ up); each case runs in its own process. Reported: median wall seconds, the ratio
 and CPU-seconds per call (all threads; less sensitive to other processes' load than wall time). Targets:
 GRAPH <= 1.0x PyTorch, PyNative <= 2.0x PyTorch. Writes the `vision` section of docs/performance.md.
 
-    python benchmarks/bench_vision.py                    # all cases (~8 min on 2 cores, ~12 GB peak)
+    python benchmarks/bench_vision.py                    # all cases (~9 min on 2 cores, 15 GB peak)
     python benchmarks/bench_vision.py --cases 336 --rounds 5
 """
 from __future__ import annotations
@@ -105,7 +105,8 @@ def run_case(name: str, rounds: int, pynative: bool) -> Dict[str, object]:
 
 
 def profile_case(case: str) -> str:
-    """One GRAPH call under MindSpore's profiler, one PyTorch call under torch.profiler: op time by kind."""
+    """One GRAPH and one PyNative call under MindSpore's profiler, one PyTorch call under torch.profiler: op
+    time by kind."""
     import mindspore as ms
     import torch
 
@@ -116,8 +117,13 @@ def profile_case(case: str) -> str:
     model.encode_img(pixels).asnumpy()  # compile
     with torch.no_grad():
         ref.encode_img(torch.from_numpy(pixels))
-    return _report.op_kind_table(_report.ms_op_times(lambda: model.encode_img(pixels).asnumpy()),
-                                 _report.torch_op_times(lambda: ref.encode_img(torch.from_numpy(pixels))))
+    torch_run = _report.torch_op_times(lambda: ref.encode_img(torch.from_numpy(pixels)))
+    graph = _report.op_kind_table(_report.ms_op_times(lambda: model.encode_img(pixels).asnumpy()), torch_run)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    model.encode_img(pixels).asnumpy()  # first-call allocations
+    pynative = _report.op_kind_table(_report.ms_op_times(lambda: model.encode_img(pixels).asnumpy()), torch_run)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    return f"GRAPH:\n\n{graph}\n\nPyNative:\n\n{pynative}"
 
 
 def child(case: str, rounds: int, pynative: bool, profile: bool = False) -> None:
@@ -222,7 +228,11 @@ products are within 10% (`matmul` section). That is why 336 misses the target an
 after the fixes (no per-call weight transposes, BiasAdd for biases); MindSpore's CPU LayerNorm is ~10x
 PyTorch's but 4% of the call. The load average is printed with each table: under load (another process on
 a core) PyTorch's OpenMP threads lose more than MindSpore's thread pool and the ratios move in MindSpore's
-favour."""
+favour.
+
+PyNative adds MindSpore's per-op dispatch on the Python thread: in the PyNative table the wall exceeds the op
+time by that amount, and the head split / merge transposes become views made contiguous by a single-threaded
+copy kernel (`Contiguous`, on the Python thread in a `perf` profile) before each BatchMatMul."""
 
 
 if __name__ == "__main__":

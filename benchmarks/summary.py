@@ -37,6 +37,13 @@ No Ascend device was available: nothing in this file was measured on one. What i
 """
 
 
+NOTE = """Each FAIL row is explained in its benchmark's section with an op-by-op profile of both frameworks
+(vision: oneDNN matmuls on the 577-row products at 336; decode: oneDNN's one-row product against MKL's sgemv).
+Ratios depend on the machine's load (printed in each section): with another process on one of the 2 cores,
+PyTorch's OpenMP threads lose more than MindSpore's thread pool and the ratios move in MindSpore's favour; the
+numbers above were taken at load averages of about 1-2."""
+
+
 def main() -> int:
     text = open(_report.DOC, encoding="utf-8").read() if os.path.exists(_report.DOC) else ""
     lines = []
@@ -48,7 +55,7 @@ def main() -> int:
             if len(cells) >= 3 and cells[1] in ("PASS", "FAIL"):
                 lines.append(f"| {key} | {cells[0]} | {cells[1]} | {cells[2]} |")
     body = "## Targets\n\n" + ("| benchmark | target | result | measured |\n|---|---|---|---|\n" + "\n".join(lines)
-                               if lines else "No benchmark section yet: run the scripts in benchmarks/.")
+                               + "\n\n" + NOTE if lines else "No benchmark section yet: run the scripts in benchmarks/.")
     print(body)
     _report.write_section("summary", body)
     print("wrote", _report.write_section("ascend", ASCEND))
