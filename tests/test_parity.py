@@ -17,7 +17,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ms_xcomposer.cli import main  # noqa: E402
-from ms_xcomposer.conversion.convert import convert  # noqa: E402
 from ms_xcomposer.parity import (  # noqa: E402
     IMAGE_STAGES, ParityError, ParityReport, compare, compare_tokens, load_torch_side, run_parity,
 )
@@ -30,13 +29,6 @@ STEPS = 4
 LLM_STAGES = ["embeddings", "layer 0", "layer 1", "logits", "greedy tokens"]
 ALL_STAGES = list(IMAGE_STAGES) + LLM_STAGES
 CORRUPTED_KEY = "model.layers.1.feed_forward.w2.weight"
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> str:
-    dst = str(tmp_path_factory.mktemp("parity") / "ms")
-    convert(HF, dst)
-    return dst
 
 
 @pytest.fixture(scope="module")
