@@ -118,9 +118,8 @@ def main() -> int:
             "Counts every compilation through MindSpore's graph executor (any Cell), on a fresh model per config, "
             "IXC-2.5 chat turns, greedy. `_LLMStep` graphs have dynamic sequence and cache dimensions: one with "
             "PLoRA (prefill with image rows) and one without (decode steps, text-only prefill) serve every length; "
-            "`_VisionEncode` compiles once per tile grid (static shapes); `Embedding` is the token-embedding Cell "
-            "the prompt builder and each decode step call: it has static shapes, so every new text-piece length "
-            "compiles it again (turn 3); declaring its length dynamic (`set_inputs`) would remove those.\n\nMachine: " + _report.machine_line(load_before),
+            "`_VisionEncode` compiles once per tile grid (static shapes); `_EmbedTokens` is the token-embedding "
+            "piece the prompt builder and each decode step call (dynamic length).\n\nMachine: " + _report.machine_line(load_before),
             main_table, check_table,
         ])
         print("wrote", _report.write_section("compile", body))

@@ -39,9 +39,9 @@ No Ascend device was available: nothing in this file was measured on one. What i
 
 NOTE = """Each FAIL row is explained in its benchmark's section with an op-by-op profile of both frameworks
 (vision: oneDNN matmuls on the 577-row products at 336; decode: oneDNN's one-row product against MKL's sgemv).
-Ratios depend on the machine's load (printed in each section): with another process on one of the 2 cores,
-PyTorch's OpenMP threads lose more than MindSpore's thread pool and the ratios move in MindSpore's favour; the
-numbers above were taken at load averages of about 1-2."""
+Ratios depend on the machine's load (last column; 2 cores): with another process on one of them, PyTorch's
+OpenMP threads lose more than MindSpore's thread pool and the ratios move in MindSpore's favour, so the
+conservative numbers are those taken at a load average near 1 or below."""
 
 
 def main() -> int:
@@ -50,11 +50,14 @@ def main() -> int:
     for key, body in re.findall(r"<!-- BEGIN (\S+) -->\n(.*?)<!-- END \1 -->", text, flags=re.S):
         if key in ("summary", "ascend"):
             continue
+        load = re.search(r"load average ([\d.]+) before, ([\d.]+) after", body)
+        load_text = f"{load.group(1)} / {load.group(2)}" if load else "-"
         for row in body.splitlines():
             cells = [c.strip() for c in row.strip("|").split("|")]
             if len(cells) >= 3 and cells[1] in ("PASS", "FAIL"):
-                lines.append(f"| {key} | {cells[0]} | {cells[1]} | {cells[2]} |")
-    body = "## Targets\n\n" + ("| benchmark | target | result | measured |\n|---|---|---|---|\n" + "\n".join(lines)
+                lines.append(f"| {key} | {cells[0]} | {cells[1]} | {cells[2]} | {load_text} |")
+    body = "## Targets\n\n" + ("| benchmark | target | result | measured | load avg before / after |\n"
+                               "|---|---|---|---|---|\n" + "\n".join(lines)
                                + "\n\n" + NOTE if lines else "No benchmark section yet: run the scripts in benchmarks/.")
     print(body)
     _report.write_section("summary", body)
