@@ -47,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{worst.rel_frobenius:.1e} at {worst.stage}; greedy tokens {report.tokens['mindspore']}")
         return 0
     print(f"parity FAILED: first diverging stage {first.stage!r} (max abs {first.max_abs:.3e}, "
-          f"tolerance {first.tolerance[0]:.1e})", file=sys.stderr)
+          f"tolerance atol {first.tolerance[0]:.0e} + rtol {first.tolerance[1]:.0e} x |expected|)", file=sys.stderr)
     return 1
 
 

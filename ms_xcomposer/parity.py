@@ -17,7 +17,8 @@ stage is compared in order:
 - `greedy tokens`: N greedy steps (repetition penalty 1, stop on the chat's stop ids) must be identical.
 
 Tolerances come from `ms_xcomposer.tolerances`, keyed by (MindSpore weight dtype, compute dtype); a stage
-passes only when max abs and relative Frobenius differences are both within bounds.
+passes when every element is within atol + rtol x |expected| (allclose); max abs and relative Frobenius
+differences are reported beside the verdict.
 
 The PyTorch side is the project's reference (`ms_xcomposer.reference`), or the HF directory's own remote code
 (`modeling_*.py`, loaded with transformers' `trust_remote_code`) when the caller explicitly trusts it. The
@@ -45,7 +46,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from ms_xcomposer import runtime
-from ms_xcomposer.tolerances import Key, bounds, metrics, within
+from ms_xcomposer.tolerances import Key, metrics, tolerance
 
 DEFAULT_QUERY = "Describe this image."
 DEFAULT_STEPS = 8
@@ -60,8 +61,8 @@ class ParityError(ValueError):
 # ---- results -------------------------------------------------------------------------------------------------
 @dataclass
 class StageResult:
-    """One compared stage. For `greedy tokens`, max_abs is the number of differing positions, rel_frobenius
-    their fraction, and the tolerance (0, 0): the tokens must be identical."""
+    """One compared stage; `tolerance` is (atol, rtol). For `greedy tokens`, max_abs is the number of differing
+    positions, rel_frobenius their fraction, and the tolerance (0, 0): the tokens must be identical."""
 
     stage: str
     max_abs: float
@@ -72,7 +73,7 @@ class StageResult:
 
     def to_dict(self) -> Dict[str, object]:
         d = asdict(self)
-        d["tolerance"] = {"max_abs": self.tolerance[0], "rel_frobenius": self.tolerance[1]}
+        d["tolerance"] = {"atol": self.tolerance[0], "rtol": self.tolerance[1]}
         for k in ("max_abs", "rel_frobenius"):  # JSON has no inf
             d[k] = None if not math.isfinite(d[k]) else d[k]
         return d
@@ -128,7 +129,7 @@ class ParityReport:
             if s.stage == "greedy tokens":
                 tol, diff, rel = "identical", f"{int(s.max_abs)} differ", f"{s.rel_frobenius:.2f}"
             else:
-                tol = f"{s.tolerance[0]:.1e} / {s.tolerance[1]:.0e}"
+                tol = f"{s.tolerance[0]:.0e} + {s.tolerance[1]:.0e}|e|"
                 diff, rel = f"{s.max_abs:.3e}", f"{s.rel_frobenius:.3e}"
             rows.append((s.stage, diff, rel, tol, "pass" if s.passed else "FAIL", s.note))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -137,17 +138,15 @@ class ParityReport:
 
 
 def compare(stage: str, actual, expected, key: Key, note: str = "") -> StageResult:
-    """Compare the MindSpore `actual` with the PyTorch `expected` under the bounds of `key`.
-
-    The max_abs bound scales with the expected tensor's RMS (`ms_xcomposer.tolerances.bounds`). A shape
-    mismatch is a failed stage (infinite differences) whose note gives both shapes.
+    """Compare the MindSpore `actual` with the PyTorch `expected` under `key`'s (atol, rtol), allclose semantics
+    (`ms_xcomposer.tolerances`). A shape mismatch is a failed stage (infinite differences) whose note gives both
+    shapes.
     """
-    effective = bounds(key, expected)
     try:
-        max_abs, rel = metrics(actual, expected)
+        max_abs, rel, ratio = metrics(actual, expected, key)
     except ValueError as e:
-        return StageResult(stage, math.inf, math.inf, effective, False, _join(note, str(e)))
-    return StageResult(stage, max_abs, rel, effective, within(max_abs, rel, effective), note)
+        return StageResult(stage, math.inf, math.inf, tolerance(key), False, _join(note, str(e)))
+    return StageResult(stage, max_abs, rel, tolerance(key), ratio <= 1.0, note)
 
 
 def compare_tokens(actual: Sequence[int], expected: Sequence[int],

@@ -164,7 +164,7 @@ def test_position_embeddings_match_hf_interpolation(ms_mode, fp32_pair):
         expected = hf_emb.interpolate_pos_encoding(dummy, h, w)[0]
     actual = cell(fp32_pair.tower.pos_resize(h, w))
     assert actual.shape == (1 + 25 * 35, TINY["hidden_size"])
-    assert_close(actual, expected, ("float32", "float32"), f"interpolated position table ({ms_mode})", scale=False)
+    assert_close(actual, expected, ("float32", "float32"), f"interpolated position table ({ms_mode})")
 
 
 # ---- whole tower -----------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_fp32_matches_hf(ms_mode, fp32_pair, h, w, b):
     out = tower(ms.Tensor(_pixels(h, w, b)), tower.pos_resize(h, w))
     expected = fp32_pair.reference(h, w, b)[-1][:, 1:]
     assert out.shape == (b, (h // 14) * (w // 14), TINY["hidden_size"]) and out.dtype == ms.float32
-    assert_close(out, expected, ("float32", "float32"), f"CLIP features {h}x{w} b{b} ({ms_mode})", scale=False)
+    assert_close(out, expected, ("float32", "float32"), f"CLIP features {h}x{w} b{b} ({ms_mode})")
 
 
 def test_hidden_states_match_hf(ms_mode, fp32_pair):
@@ -185,7 +185,7 @@ def test_hidden_states_match_hf(ms_mode, fp32_pair):
     expected = fp32_pair.reference(h, w, b)
     assert len(states) == len(expected) == TINY["num_hidden_layers"] + 1
     for i, (s, e) in enumerate(zip(states, expected)):
-        assert_close(s, e, ("float32", "float32"), f"hidden state {i} ({ms_mode})", scale=False)
+        assert_close(s, e, ("float32", "float32"), f"hidden state {i} ({ms_mode})")
     np.testing.assert_array_equal(features.asnumpy(), states[-1].asnumpy()[:, 1:])
 
 
@@ -198,7 +198,7 @@ def test_low_precision_weights_fp32_compute(ms_mode, pairs, weight_dtype):
     assert out.dtype == ms.float32
     assert all(p.dtype == MS_DTYPES[weight_dtype] for p in pair.tower.get_parameters())
     assert_close(out, pair.reference(h, w, b)[-1][:, 1:], (weight_dtype, "float32"),
-                 f"CLIP features ({ms_mode})", scale=False)
+                 f"CLIP features ({ms_mode})")
 
 
 @pytest.mark.parametrize("weight_dtype", ["float32", "float16", "bfloat16"])
@@ -243,5 +243,5 @@ def test_golden_ixc25_checkpoint(ms_mode):
     rows = golden["vit_out_wide_hd1"][0]
     global_view = rows[:420].reshape(20, 21, 4 * width)[:, :20]
     tile = rows[421:].reshape(20, 21, 4 * width)[:, :20]
-    assert_close(merged, global_view, ("bfloat16", "float32"), f"golden global view ({ms_mode})", scale=False)
-    assert_close(merged, tile, ("bfloat16", "float32"), f"golden tile ({ms_mode})", scale=False)
+    assert_close(merged, global_view, ("bfloat16", "float32"), f"golden global view ({ms_mode})")
+    assert_close(merged, tile, ("bfloat16", "float32"), f"golden tile ({ms_mode})")
