@@ -70,8 +70,7 @@ def main() -> int:
     _report.setup_mindspore("graph")
     import mindspore as ms
 
-    from ms_xcomposer.chat import chat_with_ids
-    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
+    from ms_xcomposer import XComposer2ForCausalLM, XComposer2Processor, chat_with_ids
     from ms_xcomposer.reference.model import ReferenceXComposer2
     from ms_xcomposer.tokenizer import InternLM2Tokenizer
     from ms_xcomposer.weights import DictSource, load_weights
@@ -86,6 +85,7 @@ def main() -> int:
             state = ReferenceXComposer2.random_state_dict(cfg, 0)
             model = XComposer2ForCausalLM(cfg, dtype=ms.float32, compute_dtype=ms.float32)
             load_weights(model, DictSource({k: v.numpy() for k, v in state.items()}))
+            processor = XComposer2Processor(tok, cfg)
             del state
             turns: Dict[str, Tuple[str, str]] = {
                 "1. cold: image + 64 tokens": (QUERY, IMAGE),
@@ -96,7 +96,7 @@ def main() -> int:
             for label, (query, image) in turns.items():
                 mark = counter.since(0)[0]
                 start = time.perf_counter()
-                result = chat_with_ids(model, tok, query, image=image, hd_num=HD_NUM, do_sample=False,
+                result = chat_with_ids(model, processor, query, images=[image], hd_num=HD_NUM, do_sample=False,
                                        repetition_penalty=1.0, max_new_tokens=args.new_tokens)
                 total = time.perf_counter() - start
                 n, seconds, kinds = counter.since(mark)

@@ -47,7 +47,7 @@ def build_models(layers: int, vocab: int, seed: int = 0):
     import mindspore as ms
     import torch
 
-    from ms_xcomposer.config import VisionConfig, preset
+    from ms_xcomposer.models.xcomposer2.config import VisionConfig, preset
     from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
     from ms_xcomposer.reference.model import ReferenceXComposer2
     from ms_xcomposer.weights import DictSource, load_weights

@@ -7,7 +7,7 @@ on two configs with random fp32 weights shared by both frameworks:
 - `tiny`: the `tiny-ixc2.5` preset (LLM hidden 256, 2 layers; ViT width 128, 2 layers, 560 tiles);
 - `mid`: LLM hidden 1024, 8 layers, 8/2 heads, FFN 4096; ViT width 512, 8 layers, 560 tiles.
 
-MindSpore runs `ms_xcomposer.chat.chat` (preprocessing, prompt, `encode_img`, prefill, decode) in GRAPH and
+MindSpore runs `ms_xcomposer.chat` (preprocessing, prompt, `encode_img`, prefill, decode) in GRAPH and
 PyNative mode; PyTorch runs the reference on the same prompt pieces and pixels: `encode_img`, `interleave`,
 transformers' `generate` with its KV cache. Time to first token = from the call to the first new token
 reaching the streamer; tokens/s = new tokens after the first / the time they took. The implementations run
@@ -38,7 +38,7 @@ HD_NUM = 4
 
 
 def config(name: str):
-    from ms_xcomposer.config import VisionConfig, preset
+    from ms_xcomposer.models.xcomposer2.config import VisionConfig, preset
 
     cfg = preset("tiny-ixc2.5")
     if name == "tiny":
@@ -80,10 +80,9 @@ def run_config(name: str, rounds: int, new_tokens: int, pynative: bool) -> Dict[
     import mindspore as ms
     import torch
 
-    from ms_xcomposer.chat import chat_eos_ids, chat_with_ids
-    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
-    from ms_xcomposer.processing import preprocess, tile_grid
-    from ms_xcomposer.prompt import TextPiece, build_chat_prompt
+    from ms_xcomposer import XComposer2ForCausalLM, XComposer2Processor, chat_with_ids
+    from ms_xcomposer.models.xcomposer2.processing import preprocess, tile_grid
+    from ms_xcomposer.models.xcomposer2.prompt import TextPiece, build_chat_prompt
     from ms_xcomposer.reference.model import ReferenceXComposer2
     from ms_xcomposer.tokenizer import InternLM2Tokenizer
     from ms_xcomposer.weights import DictSource, load_weights
@@ -93,13 +92,14 @@ def run_config(name: str, rounds: int, new_tokens: int, pynative: bool) -> Dict[
     model = XComposer2ForCausalLM(cfg, dtype=ms.float32, compute_dtype=ms.float32)
     load_weights(model, DictSource({k: v.numpy() for k, v in ref.state_dict().items()}))
     tok = InternLM2Tokenizer.from_pretrained(os.path.join(DATA, "hf"))
-    stop_ids = chat_eos_ids(tok)
+    processor = XComposer2Processor(tok, cfg)
+    stop_ids = list(processor.eos_token_ids)
 
     def ms_turn(ctx):
         def turn():
             ms.set_context(mode=ctx)
             clock = Clock()
-            result = chat_with_ids(model, tok, QUERY, image=IMAGE, hd_num=HD_NUM, do_sample=False,
+            result = chat_with_ids(model, processor, QUERY, images=[IMAGE], hd_num=HD_NUM, do_sample=False,
                                    repetition_penalty=1.0, max_new_tokens=new_tokens, streamer=clock)
             return clock, result.ids
         return turn

@@ -52,7 +52,7 @@ def build_models(preset_name: str, tile: int, seed: int = 0):
     """(MindSpore model, PyTorch reference): full CLIP-L tower + projector, no LLM layers, same weights."""
     import mindspore as ms
 
-    from ms_xcomposer.config import preset
+    from ms_xcomposer.models.xcomposer2.config import preset
     from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
     from ms_xcomposer.reference.model import ReferenceXComposer2
     from ms_xcomposer.weights import DictSource, load_weights

@@ -29,17 +29,17 @@ def list_images(folder: str) -> List[str]:
     return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def caption_all(model, tokenizer, images: List[str], query: str, hd_num: Optional[int],
+def caption_all(model, processor, images: List[str], query: str, hd_num: Optional[int],
                 max_new_tokens: int, progress: bool = True) -> Iterator[dict]:
     """One record per image, in order: {"image", "caption"} or {"image", "error"} (greedy decoding)."""
     from tqdm import tqdm
 
-    from ms_xcomposer.chat import chat
+    from ms_xcomposer import chat
 
     for path in tqdm(images, desc="captioning", unit="image", file=sys.stderr, disable=not progress):
         name = os.path.basename(path)
         try:
-            caption, _ = chat(model, tokenizer, query, image=[path], hd_num=hd_num, do_sample=False,
+            caption, _ = chat(model, processor, query, images=[path], hd_num=hd_num, do_sample=False,
                               max_new_tokens=max_new_tokens, repetition_penalty=1.0)
         except ValueError as e:  # unreadable or unacceptable image: record it and go on
             yield {"image": name, "error": str(e)}
@@ -60,21 +60,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from ms_xcomposer import runtime
-    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
-    from ms_xcomposer.tokenizer import InternLM2Tokenizer
+    from ms_xcomposer import load
 
     images = list_images(args.folder)
     if not images:
         print(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.folder}", file=sys.stderr)
         return 2
-    runtime.setup(args.device, args.mode)
-    model = XComposer2ForCausalLM.from_pretrained(args.model_dir)
-    tokenizer = InternLM2Tokenizer.from_pretrained(args.model_dir)
+    model, processor = load(args.model_dir, device=args.device, mode=args.mode)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     failed = 0
     try:
-        for record in caption_all(model, tokenizer, images, args.query, args.hd_num, args.max_new_tokens,
+        for record in caption_all(model, processor, images, args.query, args.hd_num, args.max_new_tokens,
                                   progress=not args.no_progress):
             failed += "error" in record
             out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -34,27 +34,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="convert again even if MS_DIR exists")
     args = parser.parse_args(argv)
 
-    from ms_xcomposer import runtime
-    from ms_xcomposer.chat import chat
+    from ms_xcomposer import chat, load
     from ms_xcomposer.conversion.convert import convert
-    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
-    from ms_xcomposer.tokenizer import InternLM2Tokenizer
 
     if args.overwrite or not os.path.exists(args.ms_dir):
         result = convert(args.hf_dir, args.ms_dir, overwrite=args.overwrite)
         print(f"converted {result.summary()}", file=sys.stderr)
 
-    runtime.setup(args.device, args.mode)
-    model = XComposer2ForCausalLM.from_pretrained(args.ms_dir)
-    tokenizer = InternLM2Tokenizer.from_pretrained(args.ms_dir)
+    model, processor = load(args.ms_dir, device=args.device, mode=args.mode)
     options = dict(hd_num=args.hd_num, do_sample=False, max_new_tokens=args.max_new_tokens,
                    repetition_penalty=args.repetition_penalty)
 
-    response, history = chat(model, tokenizer, args.query, image=[args.image], **options)
+    response, history = chat(model, processor, args.query, images=[args.image], **options)
     print(response)
     if args.follow_up:
         # Images are sent again with every turn: the model sees the whole conversation each time.
-        response, history = chat(model, tokenizer, args.follow_up, image=[args.image], history=history, **options)
+        response, history = chat(model, processor, args.follow_up, images=[args.image], history=history, **options)
         print(response)
     return 0
 

@@ -22,11 +22,11 @@ def build_query(n_images: int, question: str) -> str:
     return "".join(f"Image{i + 1} <ImageHere>; " for i in range(n_images)) + question
 
 
-def compare(model, tokenizer, images: Sequence[str], question: str, **options) -> str:
+def compare(model, processor, images: Sequence[str], question: str, **options) -> str:
     """The model's answer to `question` about `images` (greedy unless options say otherwise)."""
-    from ms_xcomposer.chat import chat
+    from ms_xcomposer import chat
 
-    response, _ = chat(model, tokenizer, build_query(len(images), question), image=list(images), **options)
+    response, _ = chat(model, processor, build_query(len(images), question), images=list(images), **options)
     return response
 
 
@@ -45,14 +45,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if len(args.images) < 2:
         parser.error("give at least two images to compare")
 
-    from ms_xcomposer import runtime
-    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
-    from ms_xcomposer.tokenizer import InternLM2Tokenizer
+    from ms_xcomposer import load
 
-    runtime.setup(args.device, args.mode)
-    model = XComposer2ForCausalLM.from_pretrained(args.model_dir)
-    tokenizer = InternLM2Tokenizer.from_pretrained(args.model_dir)
-    print(compare(model, tokenizer, args.images, args.question, do_sample=False, max_new_tokens=args.max_new_tokens,
+    model, processor = load(args.model_dir, device=args.device, mode=args.mode)
+    print(compare(model, processor, args.images, args.question, do_sample=False, max_new_tokens=args.max_new_tokens,
                   num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, use_meta=args.use_meta))
     return 0
 

@@ -14,35 +14,12 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ms_xcomposer.config import TASK_ADAPTERS, VIT_PREFIX, XComposerConfig
-from ms_xcomposer.conversion import keymap
 from ms_xcomposer.conversion.readers import open_checkpoint
 
-# Components in display order; every tensor belongs to exactly one.
-COMPONENTS = ("language model", "PLoRA", "task adapters", "vision tower", "projector", "HD separators",
-              "buffers (not weights)", "unknown")
+# Components that are not weights (every family's `component` may return them).
+NOT_WEIGHTS = ("buffers (not weights)", "unknown")
 _LAYER = re.compile(r"\.layers\.\d+\.")
-_TASK = re.compile(r"\.lora_(" + "|".join(TASK_ADAPTERS) + r")_")
-
-
-def component(name: str) -> str:
-    """The component a tensor name belongs to (one of COMPONENTS)."""
-    m = keymap.match_hf(name)
-    if m is None:
-        return "unknown"
-    if m.rule.kind == keymap.DROP:
-        return "buffers (not weights)"
-    if m.rule.kind == keymap.TASK_ADAPTER:
-        return "task adapters"
-    if name.startswith(VIT_PREFIX):
-        return "vision tower"
-    if name.startswith("vision_proj."):
-        return "projector"
-    if name.startswith("plora_"):
-        return "HD separators"
-    if ".Plora_" in name:
-        return "PLoRA"
-    return "language model"
+_TASK = re.compile(r"\.lora_([A-Za-z]+)_")
 
 
 @dataclass
@@ -63,7 +40,8 @@ class CheckpointSummary:
     kind: str  # "hf" or "ms"
     format: str  # "bin", "safetensors" or "ckpt"
     files: int
-    config: XComposerConfig
+    family: str
+    config: object
     tensors: int = 0
     params: Dict[str, int] = field(default_factory=dict)
     bytes: int = 0
@@ -73,15 +51,14 @@ class CheckpointSummary:
     @property
     def total_params(self) -> int:
         """Elements of every weight (buffers and unknown tensors not counted)."""
-        return sum(n for c, n in self.params.items() if c not in ("buffers (not weights)", "unknown"))
+        return sum(n for c, n in self.params.items() if c not in NOT_WEIGHTS)
 
     def to_dict(self) -> Dict[str, object]:
         return {
             "path": self.path, "kind": self.kind, "format": self.format, "files": self.files,
-            "variant": self.config.variant, "tensors": self.tensors, "total_params": self.total_params,
+            "family": self.family, "tensors": self.tensors, "total_params": self.total_params,
             "bytes": self.bytes, "params": dict(self.params), "dtypes": dict(self.dtypes),
             "config": self.config.to_dict(),
-            "image_tokens_one_tile": self.config.image_tokens(1, 1),
             "shapes": [{"name": g.pattern, "shape": list(g.shape), "dtype": g.dtype, "count": g.count}
                        for g in self.groups],
         }
@@ -99,7 +76,10 @@ def summarize(path: str) -> CheckpointSummary:
     XComposer2 checkpoint.
     """
     with open_checkpoint(path) as reader:
-        summary = CheckpointSummary(reader.path, reader.kind, reader.format, len(reader.files), reader.config)
+        family = reader.family
+        component = family.component
+        summary = CheckpointSummary(reader.path, reader.kind, reader.format, len(reader.files), family.name,
+                                    reader.config)
         params: Counter = Counter()
         dtypes: Counter = Counter()
         groups: Dict[Tuple[str, Tuple[int, ...], str], int] = {}
@@ -111,10 +91,11 @@ def summarize(path: str) -> CheckpointSummary:
             g = (group_pattern(key), shape, dtype)
             groups[g] = groups.get(g, 0) + 1
         summary.tensors = len(reader)
-    summary.params = {c: params[c] for c in COMPONENTS if c in params}
+        names = reader.keys()
+    order = {c: i for i, c in enumerate(dict.fromkeys(family.components + tuple(params)))}
+    summary.params = dict(sorted(params.items(), key=lambda item: order[item[0]]))
     summary.dtypes = dict(sorted(dtypes.items()))
-    order = {c: i for i, c in enumerate(COMPONENTS)}
+    first_of = {pattern: name for name, pattern in ((k, group_pattern(k)) for k in names)}
     summary.groups = sorted((ShapeGroup(p, s, d, n) for (p, s, d), n in groups.items()),
-                            key=lambda g: (order[component(g.pattern.replace("*", "0").replace("lora_0_", "lora_web_"))],
-                                           g.pattern))
+                            key=lambda g: (order[component(first_of[g.pattern])], g.pattern))
     return summary

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ms_xcomposer.config import preset
+from ms_xcomposer.models.xcomposer2.config import preset
 
 PRESET = "tiny-ixc2.5"
 SEED = 0
@@ -142,14 +142,14 @@ class _Clock:
         pass
 
 
-def timed_chat(model, tokenizer, query: str, images: Sequence[str], hd_num: int, max_new_tokens: int,
+def timed_chat(model, processor, query: str, images: Sequence[str], hd_num: int, max_new_tokens: int,
                history: Sequence[Tuple[str, str]] = ()) -> TurnStats:
     """One greedy chat turn (repetition penalty 1.0, so both modes and PyTorch can be compared), timed."""
-    from ms_xcomposer.chat import chat_with_ids
+    from ms_xcomposer.conversation import chat_with_ids
 
     clock = _Clock(time.perf_counter())
-    result = chat_with_ids(model, tokenizer, query, image=list(images), hd_num=hd_num, history=history,
-                           max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0, streamer=clock)
+    result = chat_with_ids(model, processor, query, list(images), history, streamer=clock, hd_num=hd_num,
+                           max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0)
     end = time.perf_counter()
     first = clock.times[0] - clock.start if clock.times else end - clock.start
     rate = None

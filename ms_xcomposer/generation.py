@@ -13,8 +13,11 @@ Decode steps carry no image tokens, so they run without the PLoRA branch, as the
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 from mindspore import Tensor
@@ -33,24 +36,36 @@ class Streamer(Protocol):
     def end(self) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding options; defaults are the official chat's (sampling, top_p 0.8, repetition penalty 1.005)."""
+    """Decoding options: the one place for their defaults, used by the library, the CLI and the server.
+
+    The defaults are transformers' (greedy, no penalties) with chat-sized `max_new_tokens`. A checkpoint's
+    generation_config.json overrides them (`from_pretrained`, as transformers does), and arguments override
+    that (`updated`). `top_k` None means HF's 50 when sampling. `eos_token_id` empty: the processor's stop ids.
+    `stop`: strings that end the response (it is cut before them).
+    """
 
     max_new_tokens: int = 1024
-    do_sample: bool = True
+    do_sample: bool = False
     num_beams: int = 1
     temperature: float = 1.0
-    top_p: float = 0.8
+    top_p: float = 1.0
     top_k: Optional[int] = None
-    repetition_penalty: float = 1.005
+    repetition_penalty: float = 1.0
     length_penalty: float = 1.0
-    eos_token_id: Sequence[int] = (2,)
+    eos_token_id: Tuple[int, ...] = ()
     seed: Optional[int] = None
+    stop: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        else:
+            object.__setattr__(self, "eos_token_id", tuple(int(t) for t in self.eos_token_id))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.do_sample and self.temperature <= 0:
@@ -61,8 +76,35 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if isinstance(self.eos_token_id, int):
-            self.eos_token_id = (self.eos_token_id,)
+        if any(not isinstance(t, str) or not t for t in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def updated(self, **overrides) -> "GenerationConfig":
+        """A copy with `overrides` (field names; None values are ignored), validated; TypeError names an unknown
+        field."""
+        unknown = sorted(set(overrides) - set(self.field_names()))
+        if unknown:
+            raise TypeError(f"unknown generation options {unknown}; known: {', '.join(self.field_names())}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "GenerationConfig":
+        """The defaults overridden by `path/generation_config.json` when present (its fields this class knows;
+        HF's `max_length` and the like are ignored). ValueError names the file when it is malformed."""
+        file = os.path.join(path, "generation_config.json") if os.path.isdir(path) else ""
+        if not os.path.isfile(file):
+            return cls()
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+            known = {k: v for k, v in data.items() if k in cls.field_names() and k != "stop"}
+            return cls().updated(**known)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{file}: not a usable generation config: {e}") from None
 
 
 @dataclass
@@ -125,22 +167,24 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 # ---- model stepping ------------------------------------------------------------------------------------
 class _Stepper:
-    """Runs the prefill and the cached decode steps, returning last-position logits as numpy [B, V]."""
+    """Runs the prefill and the cached decode steps, returning last-position logits as numpy [B, V]. The model's
+    extras go to the prefill; those it names in `per_token_extras` describe the prompt and stay out of steps."""
 
-    def __init__(self, model, infer_mode: str):
-        self.model, self.infer_mode = model, infer_mode
+    def __init__(self, model, extras: dict):
+        self.model, self.extras = model, extras
+        self.step_extras = {k: v for k, v in extras.items() if k not in getattr(model, "per_token_extras", ())}
         self.cache: Optional[KVCache] = None
 
-    def prefill(self, embeds, im_mask, capacity: int) -> np.ndarray:
-        out = self.model(inputs_embeds=embeds, im_mask=im_mask, use_cache=True, infer_mode=self.infer_mode,
-                         last_logits_only=True, cache_capacity=capacity)
+    def prefill(self, embeds, capacity: int) -> np.ndarray:
+        out = self.model(inputs_embeds=embeds, use_cache=True, last_logits_only=True, cache_capacity=capacity,
+                         **self.extras)
         self.cache = out.past_key_values
         return out.logits.asnumpy()[:, -1]
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         ids = np.asarray(tokens, dtype=np.int32).reshape(-1, 1)
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, infer_mode=self.infer_mode,
-                         last_logits_only=True)
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, last_logits_only=True,
+                         **self.step_extras)
         self.cache = out.past_key_values
         return out.logits.asnumpy()[:, -1]
 
@@ -148,14 +192,16 @@ class _Stepper:
         self.cache = self.cache.select(beam_index)
 
 
-def generate(model, inputs_embeds, im_mask=None, config: Optional[GenerationConfig] = None,
-             streamer: Optional[Streamer] = None, infer_mode: str = "base",
-             prompt_ids: Sequence[int] = ()) -> GenerationOutput:
+def generate(model, inputs_embeds, config: Optional[GenerationConfig] = None, streamer: Optional[Streamer] = None,
+             prompt_ids: Sequence[int] = (), should_stop: Optional[Callable[[List[int]], bool]] = None,
+             **extras) -> GenerationOutput:
     """Generate new tokens after a prompt given as embeddings.
 
-    inputs_embeds [1, S, hidden] (numpy or Tensor), im_mask [1, S] (True on image rows, or None).
+    inputs_embeds [1, S, hidden] (numpy or Tensor); `extras`: the model family's arguments (XComposer2:
+    im_mask [1, S], infer_mode), passed to the prefill, and to decode steps except the per-token ones.
     prompt_ids: ids the repetition penalty counts besides the generated ones (the prompt's ids when HF would
     have been given `input_ids`, as the official text-only chat does; empty for an embeddings prompt).
+    should_stop(generated ids): checked after each token of greedy / sampled decoding (stop strings).
     Returns GenerationOutput with the new ids (EOS included when produced). `streamer.put` receives each
     new token (greedy/sampling) or the final ids (beam search), then `streamer.end()`.
     """
@@ -163,12 +209,12 @@ def generate(model, inputs_embeds, im_mask=None, config: Optional[GenerationConf
     embeds = inputs_embeds if isinstance(inputs_embeds, Tensor) else Tensor(np.asarray(inputs_embeds))
     if embeds.ndim != 3 or int(embeds.shape[0]) != 1:
         raise ValueError(f"inputs_embeds must be [1, S, hidden], got {list(embeds.shape)}")
-    stepper = _Stepper(model, infer_mode)
+    stepper = _Stepper(model, extras)
     capacity = int(embeds.shape[1]) + cfg.max_new_tokens
-    logits = stepper.prefill(embeds, im_mask, capacity)
+    logits = stepper.prefill(embeds, capacity)
     prefix = [int(t) for t in prompt_ids]
     if cfg.num_beams == 1:
-        result = _greedy_or_sample(stepper, logits, cfg, streamer, prefix)
+        result = _greedy_or_sample(stepper, logits, cfg, streamer, prefix, should_stop)
     else:
         result = _beam_search(stepper, logits, cfg, prefix)
         if streamer is not None:
@@ -178,8 +224,8 @@ def generate(model, inputs_embeds, im_mask=None, config: Optional[GenerationConf
     return result
 
 
-def _greedy_or_sample(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConfig,
-                      streamer: Optional[Streamer], prefix: List[int]) -> GenerationOutput:
+def _greedy_or_sample(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConfig, streamer: Optional[Streamer],
+                      prefix: List[int], should_stop: Optional[Callable[[List[int]], bool]]) -> GenerationOutput:
     rng = np.random.default_rng(cfg.seed)
     eos = set(cfg.eos_token_id)
     generated: List[int] = []
@@ -195,6 +241,8 @@ def _greedy_or_sample(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConf
             streamer.put([token])
         if token in eos:
             return GenerationOutput(generated, True, steps=step + 1)
+        if should_stop is not None and should_stop(generated):
+            return GenerationOutput(generated, False, steps=step + 1)
         if step + 1 < cfg.max_new_tokens:
             logits = stepper.step([token])
     return GenerationOutput(generated, False, steps=cfg.max_new_tokens)

@@ -6,7 +6,7 @@ stage is compared in order:
     pixels -> vit input -> vision tower -> assembled tokens -> projector   (per image)
     -> embeddings -> layer 0 .. layer N-1 -> logits -> greedy tokens
 
-- `pixels`: `ms_xcomposer.processing.preprocess` against the PyTorch side's own preprocessing. Only the
+- `pixels`: `ms_xcomposer.models.xcomposer2.processing.preprocess` against the PyTorch side's own preprocessing. Only the
   official remote code has one; the project's reference takes the same numpy pixels, so on that path the row
   says it is not an independent check.
 - `vit input`: the ViT batch (HD: the bicubic global view, then the tiles); `vision tower`: last-layer
@@ -52,6 +52,10 @@ DEFAULT_QUERY = "Describe this image."
 DEFAULT_STEPS = 8
 IMAGE_STAGES = ("pixels", "vit input", "vision tower", "assembled tokens", "projector")
 _MS_DTYPE_NAMES = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}
+
+
+# The families whose stages (vision tower, projector, decoder layers) this module compares.
+PARITY_FAMILIES = ("xcomposer2",)
 
 
 class ParityError(ValueError):
@@ -378,10 +382,10 @@ def compare_models(ms_model, torch_side: TorchSide, tokenizer, images: Sequence[
     `InternLM2Tokenizer`; images: image files (none = the text-only prompt); hd_num: HD tile budget (default:
     the variant's rule); steps: greedy steps compared.
     """
-    from ms_xcomposer.chat import chat_eos_ids
+    from ms_xcomposer.models.xcomposer2.processor import XComposer2Processor
     from ms_xcomposer.generation import GenerationConfig, generate
-    from ms_xcomposer.processing import preprocess
-    from ms_xcomposer.prompt import ImageSlot, build_chat_prompt, effective_hd_num
+    from ms_xcomposer.models.xcomposer2.processing import preprocess
+    from ms_xcomposer.models.xcomposer2.prompt import ImageSlot, build_chat_prompt, effective_hd_num
 
     images = _check_images_and_steps(images, steps)
     cfg = ms_model.config
@@ -436,9 +440,9 @@ def compare_models(ms_model, torch_side: TorchSide, tokenizer, images: Sequence[
         stages.append(compare(f"layer {i}", ms_h, pt_h, key))
     stages.append(compare("logits", out.logits, pt_logits, key))
 
-    eos = chat_eos_ids(tokenizer)
+    eos = list(XComposer2Processor(tokenizer, cfg).eos_token_ids)
     gen = GenerationConfig(max_new_tokens=steps, do_sample=False, repetition_penalty=1.0, eos_token_id=eos)
-    ms_tokens = generate(ms_model, ms_embeds, ms_mask, gen).ids
+    ms_tokens = generate(ms_model, ms_embeds, gen, im_mask=ms_mask).ids
     pt_tokens, margins = torch_side.greedy(pt_embeds, pt_mask, steps, eos)
     stages.append(compare_tokens(ms_tokens, pt_tokens, margins))
 
@@ -460,12 +464,18 @@ def run_parity(hf_dir: str, ms_dir: Optional[str] = None, images: Sequence[str] 
     Raises ParityError (remote code without trust, variants that differ), OSError / ValueError for unreadable
     directories.
     """
-    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
+    from ms_xcomposer.api import load
+    from ms_xcomposer.conversion.readers import open_checkpoint
     from ms_xcomposer.tokenizer import InternLM2Tokenizer
 
     check_request(hf_dir, images, steps, trust_remote_code, force_reference)  # before the (slow) loading
+    with open_checkpoint(ms_dir or hf_dir) as reader:
+        family = reader.family.name
+    if family not in PARITY_FAMILIES:
+        raise ParityError(f"{ms_dir or hf_dir} is a {family} model; stage-by-stage parity is implemented for "
+                          f"{', '.join(PARITY_FAMILIES)}")
     torch_side = load_torch_side(hf_dir, trust_remote_code, force_reference)
-    ms_model = XComposer2ForCausalLM.from_pretrained(ms_dir or hf_dir, compute_dtype=dtype)
+    ms_model, _ = load(ms_dir or hf_dir, dtype=dtype)
     torch_variant = getattr(getattr(torch_side.model, "xc", None), "variant", None)
     if torch_variant is not None and torch_variant != ms_model.config.variant:
         raise ParityError(f"{ms_dir or hf_dir} is a {ms_model.config.variant} model but {hf_dir} is {torch_variant}")

@@ -22,8 +22,8 @@ import os
 import random
 from typing import Dict, List
 
-from ms_xcomposer.config import DEFAULT_META_INSTRUCTION
-from ms_xcomposer.prompt import TURN_END, TURN_START
+from ms_xcomposer.models.xcomposer2.config import DEFAULT_META_INSTRUCTION
+from ms_xcomposer.models.xcomposer2.prompt import TURN_END, TURN_START
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>", "<|plugin|>")
 SPECIALS = {0: "<unk>", 1: "<s>", 2: "</s>"}

@@ -1,14 +1,11 @@
 """Putting checkpoint tensors into a model's Parameters by name (the names are the HF keys)."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Protocol
+from typing import Callable, Iterable, Mapping, Optional, Protocol
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
-
-from ms_xcomposer.conversion import keymap
-
 
 
 class WeightsError(ValueError):
@@ -41,19 +38,16 @@ class DictSource:
         return self.tensors[key]
 
 
-def _is_buffer(name: str) -> bool:
-    """A checkpoint entry the key table drops as a non-weight buffer (e.g. `rotary_emb.inv_freq`)."""
-    match = keymap.match_hf(name)
-    return match is not None and match.rule.kind == keymap.DROP
-
-
-def load_weights(model: nn.Cell, source: TensorSource, dtype: Optional[ms.dtype] = None) -> None:
+def load_weights(model: nn.Cell, source: TensorSource, dtype: Optional[ms.dtype] = None,
+                 skip: Optional[Callable[[str], bool]] = None) -> None:
     """Set every Parameter of `model` from `source`, bit-exactly unless `dtype` asks for a conversion.
 
+    skip(name): source entries that are not weights (the family key table's dropped buffers, e.g.
+    `rotary_emb.inv_freq`, which an HF directory read directly still carries).
     Raises WeightsError listing missing keys, unexpected keys and shape mismatches (all of them at once).
     """
     params = dict(model.parameters_and_names())
-    present = [k for k in source.keys() if not _is_buffer(k)]
+    present = [k for k in source.keys() if not (skip and skip(k))]
     missing = sorted(set(params) - set(present))
     unexpected = sorted(set(present) - set(params))
     wrong = [f"{k}: checkpoint {tuple(source.shape(k))}, model {tuple(params[k].shape)}"

@@ -3,7 +3,7 @@
 Use the `ms_mode` fixture to run a test once per mode (it yields "pynative" or "graph"), or the
 `mindspore_mode(name)` context manager where a single mode is wanted. Both restore PyNative afterwards.
 A GRAPH-mode Cell compiles once per input shape, so keep Cells in module-scoped fixtures and reuse shapes.
-`converted` is the golden .bin checkpoint converted by the converter; `library` its model and tokenizer.
+`converted` is the golden .bin checkpoint converted by the converter; `library` its model and processor.
 """
 from __future__ import annotations
 
@@ -46,9 +46,8 @@ def converted(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def library(converted):
-    """(model, tokenizer) of the converted golden checkpoint, loaded by the library in PyNative mode."""
-    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
-    from ms_xcomposer.tokenizer import InternLM2Tokenizer
+    """(model, processor) of the converted golden checkpoint, loaded by `ms_xcomposer.load` in PyNative mode."""
+    from ms_xcomposer import load
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    return XComposer2ForCausalLM.from_pretrained(converted), InternLM2Tokenizer.from_pretrained(converted)
+    return load(converted)

@@ -22,3 +22,13 @@ class RecordingModel:
         self.calls.append({"logits": out.logits.asnumpy(), "im_mask": kwargs.get("im_mask"),
                            "seq": int(source.shape[1])})
         return out
+
+
+def official_chat_with_ids(model, processor, query, images, history=(), **kwargs):
+    """A chat turn as the official `model.chat` takes it (images as given: [] is the interleaved path, None
+    the text-only one; the official decoding defaults), returning the `ChatResult` with the new ids."""
+    from ms_xcomposer.conversation import prepare_turn, run_turn
+    from ms_xcomposer.models.xcomposer2.modeling import OFFICIAL_CHAT_GENERATION
+
+    turn = prepare_turn(model, processor, query, images, history, OFFICIAL_CHAT_GENERATION, **kwargs)
+    return run_turn(model, processor, query, history, turn)

@@ -12,7 +12,7 @@ from typing import Dict
 
 import numpy as np
 
-from ms_xcomposer.config import preset
+from ms_xcomposer.models.xcomposer2.config import preset
 from ms_xcomposer.conversion.synthetic import write_random_hf_checkpoint
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "ixc25_tiny")

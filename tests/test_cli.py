@@ -20,7 +20,7 @@ from helpers_checkpoints import GOLDEN_BIN, GOLDEN_ST, flip_byte, tiny_hf_checkp
 from ms_xcomposer import cli
 from ms_xcomposer.commands import chat as chat_command
 from ms_xcomposer.commands import demo as demo_command
-from ms_xcomposer.config import preset
+from ms_xcomposer.models.xcomposer2.config import preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data", "ixc25_tiny")
@@ -50,11 +50,11 @@ def golden():
 
 
 def lib_chat(library, query, image, history=(), **kwargs):
-    from ms_xcomposer.chat import chat
+    from ms_xcomposer import chat
 
     options = dict(hd_num=1, do_sample=False, max_new_tokens=4, repetition_penalty=1.0)
     options.update(kwargs)
-    return chat(*library, query, image=image, history=history, **options)
+    return chat(*library, query, images=image, history=history, **options)
 
 
 # ---- dispatcher -------------------------------------------------------------------------------------------
@@ -187,11 +187,11 @@ def test_info_json(capsys):
     shapes = _safetensors_params(GOLDEN_ST)
     assert cli.main(["info", GOLDEN_ST, "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["variant"] == "ixc2.5" and d["kind"] == "hf" and d["format"] == "safetensors"
+    assert d["family"] == "xcomposer2" and d["config"]["variant"] == "ixc2.5"
+    assert d["kind"] == "hf" and d["format"] == "safetensors"
     assert d["tensors"] == len(shapes) == 142
     assert d["total_params"] == sum(int(np.prod(s)) for s in shapes.values())
     assert d["config"]["plora"]["wqkv"] == {"rank": 256, "alpha": 256}
-    assert d["image_tokens_one_tile"] == 841
     assert sum(g["count"] for g in d["shapes"]) == 142
 
 
@@ -235,7 +235,7 @@ def test_chat_query_reproduces_the_official_answer(golden, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr()
     assert out.out == g["response"] + "\n"
-    assert "loaded ixc2.5 from" in out.err and "pynative mode, float32 compute" in out.err
+    assert "loaded XComposer2ForCausalLM from" in out.err and "pynative mode, float32 compute" in out.err
     assert f"[{kw['max_new_tokens']} tokens in " in out.err
 
 
@@ -321,7 +321,7 @@ def test_ctrl_c_stops_the_answer_not_the_session(monkeypatch, converted, capsys)
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr("ms_xcomposer.chat.stream_chat", lambda *a, **k: Interrupted())
+    monkeypatch.setattr("ms_xcomposer.conversation.stream_chat", lambda *a, **k: Interrupted())
     code, out = _session(monkeypatch, converted, ["hello", "/reset"], capsys)
     assert code == 0
     assert "[stopped]" in out.out and out.out.index("[stopped]") < out.out.index("[conversation reset]")
@@ -338,7 +338,7 @@ def test_ctrl_c_at_the_prompt_exits_130(monkeypatch, converted, capsys):
 @pytest.mark.parametrize("auto", [True, False])
 def test_session_places_images(auto):
     p = "<ImageHere>"
-    s = chat_command.Session(auto_image_placeholder=auto)
+    s = chat_command.Session("<ImageHere>", auto_image_placeholder=auto)
     s.pending = ["a.png"]
     query, images, history = s.turn("Describe.")
     assert images == ["a.png"] and history == []
@@ -390,7 +390,7 @@ def test_demo_checkpoint_has_the_real_layout(demo_run):
     import torch
     from sentencepiece import sentencepiece_model_pb2
 
-    from ms_xcomposer.conversion.keymap import model_parameter_shapes
+    from ms_xcomposer.models.xcomposer2 import FAMILY
     from ms_xcomposer.tokenizer import InternLM2Tokenizer
 
     cache, _ = demo_run
@@ -401,7 +401,7 @@ def test_demo_checkpoint_has_the_real_layout(demo_run):
     state = {}
     for shard in sorted(set(weight_map.values())):
         state.update(torch.load(hf / shard, weights_only=True))
-    expected = model_parameter_shapes(preset("tiny-ixc2.5"))
+    expected = FAMILY.parameter_shapes(preset("tiny-ixc2.5"))
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
     assert {v.dtype for v in state.values()} == {torch.bfloat16}
     with open(hf / "config.json", encoding="utf-8") as f:

@@ -29,7 +29,7 @@ import mindspore as ms
 from safetensors import safe_open
 from transformers import CLIPVisionConfig, CLIPVisionModel as HFCLIPVisionModel
 
-from ms_xcomposer.config import VIT_PREFIX, VisionConfig, infer_vision_config
+from ms_xcomposer.models.xcomposer2.config import VIT_PREFIX, VisionConfig, infer_vision_config
 from ms_xcomposer.models.clip import PositionEmbedding, VisionTower
 from tolerances import assert_close
 

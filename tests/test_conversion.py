@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from helpers_checkpoints import GOLDEN_BIN, GOLDEN_ST, load_with_torch, tiny_hf_checkpoint, tree_bytes
-from ms_xcomposer.config import preset
+from ms_xcomposer.models.xcomposer2.config import preset
 from ms_xcomposer.conversion import keymap
+from ms_xcomposer.models.xcomposer2 import FAMILY
+from ms_xcomposer.models.xcomposer2.keys import KEYS
 from ms_xcomposer.conversion.convert import convert, export_hf, verify
 from ms_xcomposer.conversion.readers import open_checkpoint
 from ms_xcomposer.conversion.writers import parse_size
@@ -84,7 +86,7 @@ def test_converted_dir_layout(converted):
     cfg = json.load(open(os.path.join(dst, "config.json")))
     hf = json.load(open(os.path.join(GOLDEN_BIN, "config.json")))
     assert {k: v for k, v in cfg.items() if k != "ms_xcomposer"} == hf
-    assert cfg["ms_xcomposer"] == open_checkpoint(GOLDEN_BIN).config.to_dict()
+    assert cfg["ms_xcomposer"] == {"family": "xcomposer2", **open_checkpoint(GOLDEN_BIN).config.to_dict()}
 
 
 def test_report(converted):
@@ -217,7 +219,7 @@ def test_task_lora_drop(tmp_path):
     assert all(".lora_" in d["name"] for d in report["dropped"])
     with open_checkpoint(dst) as r:
         assert r.config.task_adapters == () and not any(".lora_" in k for k in r.keys())
-        assert set(r.keys()) == set(keymap.model_parameter_shapes(r.config))
+        assert set(r.keys()) == set(FAMILY.parameter_shapes(r.config))
     v = verify(GOLDEN_BIN, dst)
     assert v.ok and v.matched == 82 and len(v.skipped) == 60
 
@@ -265,21 +267,21 @@ def test_other_variants_round_trip(tmp_path, name):
 # ---- key table ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["tiny-ixc2-vl", "tiny-ixc2-4khd", "tiny-ixc2.5", "ixc2.5-7b", "ixc2-vl-7b"])
 def test_every_parameter_matches_exactly_one_rule(name):
-    for key in keymap.model_parameter_shapes(preset(name)):
-        hits = [r for r in keymap.RULES if r.to_ms(key) is not None]
+    for key in FAMILY.parameter_shapes(preset(name)):
+        hits = [r for r in KEYS.rules if r.to_ms(key) is not None]
         assert len(hits) == 1, (key, hits)
-        m = keymap.match_hf(key)
-        assert m.target == key and keymap.match_ms(m.target).target == key
+        m = KEYS.match_hf(key)
+        assert m.target == key and KEYS.match_ms(m.target).target == key
 
 
 def test_table_drops_and_unknowns():
-    assert keymap.match_hf("model.layers.7.attention.rotary_emb.inv_freq").target is None
-    assert keymap.match_hf("vit.vision_tower.vision_model.embeddings.position_ids").target is None
-    assert keymap.match_ms("model.layers.7.attention.rotary_emb.inv_freq") is None
+    assert KEYS.match_hf("model.layers.7.attention.rotary_emb.inv_freq").target is None
+    assert KEYS.match_hf("vit.vision_tower.vision_model.embeddings.position_ids").target is None
+    assert KEYS.match_ms("model.layers.7.attention.rotary_emb.inv_freq") is None
     for unknown in ("model.layers.0.attention.wq.weight", "model.layers.x.attention_norm.weight",
                     "model.layers.0.attention.wqkv.lora_foo_A.weight", "vision_proj.1.weight", "output.bias"):
-        assert keymap.match_hf(unknown) is None, unknown
-    assert keymap.match_hf("model.layers.12.feed_forward.w2.lora_dpo_B.weight").rule.kind == keymap.TASK_ADAPTER
+        assert KEYS.match_hf(unknown) is None, unknown
+    assert KEYS.match_hf("model.layers.12.feed_forward.w2.lora_dpo_B.weight").rule.kind == keymap.TASK_ADAPTER
 
 
 def test_parse_size():
@@ -315,7 +317,7 @@ def test_named_transform_applied_both_ways(tmp_path, monkeypatch):
                                  forward_shape=lambda s: tuple(s[::-1]), inverse_shape=lambda s: tuple(s[::-1]))
     monkeypatch.setitem(keymap.TRANSFORMS, "transpose", transpose)
     rules = [keymap.Rule("vision_proj.2.weight", "vision_proj.2.weight", transform="transpose")]
-    monkeypatch.setattr(keymap, "RULES", tuple(rules) + keymap.RULES)
+    monkeypatch.setattr(KEYS, "rules", tuple(rules) + KEYS.rules)
     ms_dir, back = str(tmp_path / "ms"), str(tmp_path / "hf")
     convert(GOLDEN_ST, ms_dir)
     with open_checkpoint(GOLDEN_ST) as a, open_checkpoint(ms_dir) as b:

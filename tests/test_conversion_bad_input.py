@@ -115,7 +115,7 @@ def unknown_keys(tmp_path):
     extra = {"model.layers.0.attention.wq.weight": np.zeros((4, 4), np.float32),
              "lm_head.weight": np.zeros((2, 2), np.float32)}
     src = tiny_hf_checkpoint(str(tmp_path / "src"), "tiny-ixc2-vl", "bin", extra_tensors=extra)
-    return src, ["2 tensors are not parameters of this ixc2-vl model", *extra, "--keep-unknown"]
+    return src, ["2 tensors are not parameters of this xcomposer2 model", *extra, "--keep-unknown"]
 
 
 def shape_contradicts_config(tmp_path):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from helpers_checkpoints import GOLDEN_BIN, GOLDEN_ST, load_with_torch, tiny_hf_checkpoint
-from ms_xcomposer.config import preset
+from ms_xcomposer.models.xcomposer2.config import preset
 from ms_xcomposer.conversion import writers
-from ms_xcomposer.conversion.keymap import model_parameter_shapes
+from ms_xcomposer.models.xcomposer2 import FAMILY
 from ms_xcomposer.conversion.readers import dtype_name, open_checkpoint, to_mindspore_tensor
 from ms_xcomposer.conversion.writers import CkptShardWriter, TensorSpec
 
@@ -31,8 +31,8 @@ def test_golden_reads_like_torch(path):
             assert r.dtype(k) == "bfloat16" and r.read(k).dtype == np.dtype(ml_dtypes.bfloat16)
         # config inferred from config.json + shapes; every parameter of that config is present, nothing else
         assert r.config.variant == "ixc2.5" and r.config.task_adapters == ("web", "sft", "dpo")
-        assert set(model_parameter_shapes(r.config)) == set(r.keys())
-        assert all(tuple(s) == r.shape(k) for k, s in model_parameter_shapes(r.config).items())
+        assert set(FAMILY.parameter_shapes(r.config)) == set(r.keys())
+        assert all(tuple(s) == r.shape(k) for k, s in FAMILY.parameter_shapes(r.config).items())
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -86,7 +86,7 @@ def test_strided_and_shared_storages(tmp_path):
 def test_readers_and_bin_writer_do_not_import_torch(tmp_path):
     code = (
         "import sys\n"
-        "from ms_xcomposer.config import preset\n"
+        "from ms_xcomposer.models.xcomposer2.config import preset\n"
         "from ms_xcomposer.conversion.synthetic import write_random_hf_checkpoint\n"
         "from ms_xcomposer.conversion.readers import open_checkpoint\n"
         f"write_random_hf_checkpoint({str(tmp_path / 'hf')!r}, preset('tiny-ixc2-vl'), fmt='bin')\n"

@@ -49,7 +49,7 @@ def test_convert_and_chat_gives_the_official_answer(tmp_path, capsys):
 
 
 def test_multi_image_compare(converted, library, capsys):
-    from ms_xcomposer.chat import chat
+    from ms_xcomposer import chat
 
     example = load_example("multi_image_compare")
     assert example.build_query(2, "Which is brighter?") == "Image1 <ImageHere>; Image2 <ImageHere>; Which is brighter?"
@@ -57,7 +57,7 @@ def test_multi_image_compare(converted, library, capsys):
             "--repetition-penalty", "1.0"]
     assert example.main(args) == 0
     expected, _ = chat(*library, "Image1 <ImageHere>; Image2 <ImageHere>; Which is brighter?",
-                       image=[SMALL, DEMO_IMAGE], do_sample=False, max_new_tokens=2, repetition_penalty=1.0)
+                       images=[SMALL, DEMO_IMAGE], do_sample=False, max_new_tokens=2, repetition_penalty=1.0)
     assert capsys.readouterr().out == expected + "\n"
     with pytest.raises(SystemExit) as e:
         example.main([converted, SMALL])
@@ -65,7 +65,7 @@ def test_multi_image_compare(converted, library, capsys):
 
 
 def test_batch_caption_with_progress_bar(tmp_path, converted, library, capsys):
-    from ms_xcomposer.chat import chat
+    from ms_xcomposer import chat
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -82,7 +82,7 @@ def test_batch_caption_with_progress_bar(tmp_path, converted, library, capsys):
     records = [json.loads(line) for line in out_file.read_text(encoding="utf-8").splitlines()]
     assert [r["image"] for r in records] == ["a_demo.png", "b_small.png", "c_broken.png"]
     for record, path in zip(records[:2], (DEMO_IMAGE, SMALL)):
-        expected, _ = chat(*library, "Caption.", image=[path], hd_num=1, do_sample=False, max_new_tokens=2,
+        expected, _ = chat(*library, "Caption.", images=[path], hd_num=1, do_sample=False, max_new_tokens=2,
                            repetition_penalty=1.0)
         assert record == {"image": os.path.basename(record["image"]), "caption": expected}
     assert "c_broken.png" in records[2]["error"] and "not a readable image" in records[2]["error"]

@@ -19,7 +19,7 @@ import mindspore as ms
 torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-from ms_xcomposer.config import TASK_ADAPTERS, LLMConfig, PLoRAConfig, VisionConfig, XComposerConfig  # noqa: E402
+from ms_xcomposer.models.xcomposer2.config import TASK_ADAPTERS, LLMConfig, PLoRAConfig, VisionConfig, XComposerConfig  # noqa: E402
 from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM  # noqa: E402
 from ms_xcomposer.parity import run_with_layer_outputs  # noqa: E402
 from ms_xcomposer.reference import ReferenceXComposer2  # noqa: E402

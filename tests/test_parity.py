@@ -166,7 +166,7 @@ def small_hf(tmp_path_factory) -> str:
     cheap enough for prompts with several images."""
     from safetensors.torch import save_file
 
-    from ms_xcomposer.config import TASK_ADAPTERS, LLMConfig, VisionConfig, XComposerConfig
+    from ms_xcomposer.models.xcomposer2.config import TASK_ADAPTERS, LLMConfig, VisionConfig, XComposerConfig
     from ms_xcomposer.conversion.synthetic import hf_config_dict
     from ms_xcomposer.reference import ReferenceXComposer2
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from ms_xcomposer.config import ConfigError
-from ms_xcomposer import processing as P
-from ms_xcomposer.processing import ImageError
+from ms_xcomposer.models.xcomposer2 import processing as P
+from ms_xcomposer.models.xcomposer2.processing import ImageError
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "ixc25_tiny")
 WIDE = os.path.join(DATA, "image_wide.png")
@@ -75,7 +75,7 @@ def test_golden_grids():
     for name, path in (("wide", WIDE), ("tall", TALL)):
         for hd in (1, 4):
             pixels = P.preprocess(path, "ixc2.5", hd)
-            assert list(P.tile_grid(pixels, P.tile_size("ixc2.5"))) == js[f"img_{name}_hd{hd}"]["grid_hw"]
+            assert list(P.tile_grid(pixels, P.variant_spec("ixc2.5").tile_size)) == js[f"img_{name}_hd{hd}"]["grid_hw"]
 
 
 @pytest.mark.parametrize("path", [WIDE, TALL, SMALL])

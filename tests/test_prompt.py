@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ms_xcomposer.config import ConfigError
-from ms_xcomposer.config import DEFAULT_META_INSTRUCTION, VARIANTS
-from ms_xcomposer.prompt import (
+from ms_xcomposer.models.xcomposer2.config import DEFAULT_META_INSTRUCTION, VARIANTS
+from ms_xcomposer.models.xcomposer2.prompt import (
     DEFAULT_MAX_LENGTH, ImageSlot, PromptError, TextPiece, build_chat_prompt, conversation_text, effective_hd_num,
     kept_length,
 )

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ms_xcomposer.config import VisionConfig, preset  # noqa: E402
+from ms_xcomposer.models.xcomposer2.config import VisionConfig, preset  # noqa: E402
 from ms_xcomposer.reference import (  # noqa: E402
     ReferenceXComposer2, RotaryEmbedding, assemble_hd, merge_2x2, ntk_scaled_base, read_config,
 )

@@ -13,7 +13,6 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 from ms_xcomposer.cli import EXIT_OK
-from ms_xcomposer.prompt import IMAGE_PLACEHOLDER
 
 EXAMPLES = """examples:
   ms-xcomposer chat ./ixc25-ms --image photo.jpg --query "Describe this image."
@@ -29,7 +28,8 @@ Without --query an interactive session starts; --image files are attached to its
                 image goes at the start of the message unless the message has its own <ImageHere> marks)
   /reset        forget the conversation and its images
   /exit         quit (also Ctrl-D); Ctrl-C stops the answer being streamed
-Decoding defaults: greedy, repetition penalty 1.005 (the official chat's); --do-sample samples with top-p 0.8.
+Decoding defaults: GenerationConfig's (greedy, no repetition penalty, at most 1024 new tokens), overridden by
+the model directory's generation_config.json, then by these options (the library's `chat` uses the same).
 The answer goes to stdout; loading and timing lines go to stderr.
 """
 SESSION_HELP = ("commands: /image PATH (attach an image to the next message), /reset (new conversation), "
@@ -43,8 +43,8 @@ class Session:
     multi-turn usage does; `<ImageHere>` marks in the history place them.
     """
 
-    def __init__(self, auto_image_placeholder: bool) -> None:
-        self.auto_image_placeholder = auto_image_placeholder
+    def __init__(self, placeholder: str, auto_image_placeholder: bool) -> None:
+        self.placeholder, self.auto_image_placeholder = placeholder, auto_image_placeholder
         self.history: List[Tuple[str, str]] = []
         self.images: List[str] = []
         self.pending: List[str] = []
@@ -56,15 +56,16 @@ class Session:
         """(query text with placeholders, all images or None, history) for the next message."""
         images = self.images + self.pending
         history = list(self.history)
-        placed = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in history)
-        if self.pending and IMAGE_PLACEHOLDER not in query:
+        mark = self.placeholder
+        placed = sum(q.count(mark) for q, _ in history)
+        if self.pending and mark not in query:
             if self.auto_image_placeholder and len(images) == 1:
                 pass  # the variant puts a lone image first, as the official chat does
             else:
                 if placed < len(self.images):  # an earlier lone image was placed implicitly: make it explicit
                     q0, a0 = history[0]
-                    history[0] = (IMAGE_PLACEHOLDER * (len(self.images) - placed) + q0, a0)
-                query = IMAGE_PLACEHOLDER * len(self.pending) + query
+                    history[0] = (mark * (len(self.images) - placed) + q0, a0)
+                query = mark * len(self.pending) + query
         return query, (images or None), history
 
     def commit(self, history: Sequence[Tuple[str, str]]) -> None:
@@ -91,39 +92,38 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
-    """The decoding options of `ms_xcomposer.chat.chat`, checked now (before the model is loaded)."""
+    """The decoding options given on the command line (unset ones left to the model's GenerationConfig), checked
+    now against the directory's generation_config.json (before the model is loaded)."""
     from ms_xcomposer.generation import GenerationConfig
 
-    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample or None, num_beams=args.num_beams,
                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   repetition_penalty=args.repetition_penalty, seed=args.seed)
-    GenerationConfig(**kwargs)  # raises ValueError naming a bad value
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    GenerationConfig.from_pretrained(args.model_dir).updated(**kwargs)  # raises ValueError naming a bad value
     return kwargs
 
 
 def load_model(model_dir: str, device: str, mode: str, dtype: Optional[str]):
-    """(model, tokenizer) from MODEL_DIR after selecting the device and mode; prints one line to stderr."""
+    """(model, processor) of MODEL_DIR's family after selecting the device and mode; prints one line to stderr."""
     from ms_xcomposer import runtime
-    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
-    from ms_xcomposer.tokenizer import InternLM2Tokenizer
+    from ms_xcomposer.api import load
 
     runtime.setup(device, mode)
     start = time.perf_counter()
-    tokenizer = InternLM2Tokenizer.from_pretrained(model_dir)
-    model = XComposer2ForCausalLM.from_pretrained(model_dir, compute_dtype=dtype)
+    model, processor = load(model_dir, dtype=dtype)
     compute = next(name for name, dt in runtime.DTYPES.items() if dt == model.compute_dtype)
-    print(f"loaded {model.config.variant} from {model_dir} in {time.perf_counter() - start:.1f} s "
+    print(f"loaded {type(model).__name__} from {model_dir} in {time.perf_counter() - start:.1f} s "
           f"({runtime.current_device()}, {mode} mode, {compute} compute)", file=sys.stderr)
-    return model, tokenizer
+    return model, processor
 
 
-def _answer(model, tokenizer, query: str, images, history, hd_num, use_meta: bool, gen: dict):
+def _answer(model, processor, query: str, images, history, options: dict, gen: dict):
     """Stream one answer to stdout and return its ChatResult; Ctrl-C stops the generation and propagates."""
-    from ms_xcomposer.chat import stream_chat
+    from ms_xcomposer.conversation import stream_chat
 
     start = time.perf_counter()
-    stream = stream_chat(model, tokenizer, query, image=images, hd_num=hd_num, history=history, use_meta=use_meta,
-                         **gen)
+    stream = stream_chat(model, processor, query, images, history, **options, **gen)
     with stream:
         for piece in stream:
             sys.stdout.write(piece)
@@ -135,12 +135,18 @@ def _answer(model, tokenizer, query: str, images, history, hd_num, use_meta: boo
     return stream.result
 
 
-def _interactive(model, tokenizer, args: argparse.Namespace, gen: dict) -> int:
-    from ms_xcomposer.processing import VIDEO_EXTENSIONS, load_image
+def _family_options(args: argparse.Namespace) -> dict:
+    """The XComposer2 options the command line sets (the processor refuses options its family lacks)."""
+    return {k: v for k, v in (("hd_num", args.hd_num), ("use_meta", args.use_meta or None)) if v is not None}
 
-    session = Session(model.config.spec.auto_image_placeholder)
+
+def _interactive(model, processor, args: argparse.Namespace, gen: dict) -> int:
+    from ms_xcomposer.images import load_image
+    from ms_xcomposer.models.xcomposer2.processing import VIDEO_EXTENSIONS
+
+    session = Session(processor.image_placeholder, processor.auto_image_placeholder)
     session.pending = list(args.image or [])
-    print(f"interactive chat with {model.config.variant}. {SESSION_HELP}", file=sys.stderr)
+    print(f"interactive chat with {type(model).__name__}. {SESSION_HELP}", file=sys.stderr)
     while True:
         try:
             line = input("you> ")
@@ -178,7 +184,7 @@ def _interactive(model, tokenizer, args: argparse.Namespace, gen: dict) -> int:
         sys.stdout.write("assistant> ")
         sys.stdout.flush()
         try:
-            result = _answer(model, tokenizer, query, images, history, args.hd_num, args.use_meta, gen)
+            result = _answer(model, processor, query, images, history, _family_options(args), gen)
         except KeyboardInterrupt:
             print("\n[stopped]")
             continue
@@ -196,10 +202,10 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image {path} does not exist")
     gen = generation_kwargs(args)
-    model, tokenizer = load_model(args.model_dir, args.device, args.mode, args.dtype)
+    model, processor = load_model(args.model_dir, args.device, args.mode, args.dtype)
     if args.query is None:
-        return _interactive(model, tokenizer, args, gen)
-    _answer(model, tokenizer, args.query, args.image or None, (), args.hd_num, args.use_meta, gen)
+        return _interactive(model, processor, args, gen)
+    _answer(model, processor, args.query, args.image or None, (), _family_options(args), gen)
     return EXIT_OK
 
 
@@ -219,16 +225,17 @@ def register(subparsers) -> None:
                              "IXC-2.5 uses 6 with several images)")
     parser.add_argument("--use-meta", action="store_true",
                         help="IXC-2.5: send the default system prompt (IXC2-VL / 4KHD always send it)")
-    gen = parser.add_argument_group("decoding")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=1024, metavar="N",
-                     help="most new tokens per answer (default: 1024)")
-    gen.add_argument("--num-beams", type=positive_int, default=1, metavar="N", help="beam search width (default: 1)")
+    gen = parser.add_argument_group(
+        "decoding", "defaults: the model directory's generation_config.json, else GenerationConfig's (greedy, "
+                    "no repetition penalty, at most 1024 new tokens)")
+    gen.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="most new tokens per answer")
+    gen.add_argument("--num-beams", type=positive_int, metavar="N", help="beam search width")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    gen.add_argument("--top-p", type=float, default=0.8, help="sampling nucleus (default: 0.8)")
-    gen.add_argument("--top-k", type=int, help="sampling top-k (default: 50 when sampling)")
+    gen.add_argument("--temperature", type=float, help="sampling temperature")
+    gen.add_argument("--top-p", type=float, help="sampling nucleus")
+    gen.add_argument("--top-k", type=int, help="sampling top-k (50 when sampling and unset)")
     gen.add_argument("--seed", type=int, help="random seed of sampling")
-    gen.add_argument("--repetition-penalty", type=float, default=1.005,
-                     help="repetition penalty (default: 1.005, the official chat's; 1.0 disables it)")
+    gen.add_argument("--repetition-penalty", type=float, help="repetition penalty (1.0 disables it; the official "
+                                                              "chat uses 1.005)")
     add_runtime_arguments(parser)
     parser.set_defaults(func=run)

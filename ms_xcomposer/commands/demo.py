@@ -80,9 +80,8 @@ def parity_step(skip: bool, model, tokenizer, hf_dir: str, hd_num: int) -> Tuple
 
 def run(args: argparse.Namespace) -> int:
     from ms_xcomposer import demo, runtime
+    from ms_xcomposer.api import load
     from ms_xcomposer.conversion.convert import convert
-    from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
-    from ms_xcomposer.tokenizer import InternLM2Tokenizer
 
     start = time.perf_counter()
     cache_dir = os.path.abspath(os.path.expanduser(args.cache_dir or demo.default_cache_dir()))
@@ -100,22 +99,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"[2/5] converted {conversion.summary()}", flush=True)
 
     runtime.setup("CPU", "pynative")
-    tokenizer = InternLM2Tokenizer.from_pretrained(ms_dir)
-    model = XComposer2ForCausalLM.from_pretrained(ms_dir)
+    model, processor = load(ms_dir)
     print(f"[3/5] PyNative chat, {QUERY!r} about {os.path.basename(demo.IMAGE)} (hd_num {args.hd_num}):", flush=True)
-    pynative = demo.timed_chat(model, tokenizer, QUERY, [demo.IMAGE], args.hd_num, args.max_new_tokens)
+    pynative = demo.timed_chat(model, processor, QUERY, [demo.IMAGE], args.hd_num, args.max_new_tokens)
     print(f"      answer: {pynative.response!r}")
     print(f"      {_turn_line(pynative)}")
 
-    parity_line, parity_failure = parity_step(args.no_parity, model, tokenizer, ckpt.hf_dir, args.hd_num)
+    parity_line, parity_failure = parity_step(args.no_parity, model, processor.tokenizer, ckpt.hf_dir, args.hd_num)
     if parity_failure:
         failures.append(parity_failure)
 
     print("[5/5] GRAPH chat, the same question, then a follow-up (a longer prompt: the history):", flush=True)
     runtime.setup("CPU", "graph")  # the same model: its compiled pieces are built on their first GRAPH call
     try:
-        graph = demo.timed_chat(model, tokenizer, QUERY, [demo.IMAGE], args.hd_num, args.max_new_tokens)
-        follow = demo.timed_chat(model, tokenizer, FOLLOW_UP, [demo.IMAGE], args.hd_num, args.max_new_tokens,
+        graph = demo.timed_chat(model, processor, QUERY, [demo.IMAGE], args.hd_num, args.max_new_tokens)
+        follow = demo.timed_chat(model, processor, FOLLOW_UP, [demo.IMAGE], args.hd_num, args.max_new_tokens,
                                  history=graph.history)
     finally:
         runtime.setup("CPU", "pynative")

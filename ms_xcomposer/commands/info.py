@@ -17,7 +17,6 @@ PLoRA ranks and the variant are inferred from the tensor shapes (config.json doe
 converted directory stores the complete config. PLoRA alpha is not stored in checkpoints: the released
 variant's alpha is assumed for its known rank.
 """
-_VARIANT_NAMES = {"ixc2-vl": "IXC2-VL", "ixc2-4khd": "IXC2-4KHD", "ixc2.5": "IXC-2.5"}
 _KIND = {"hf": "Hugging Face directory", "ms": "converted MindSpore directory"}
 
 
@@ -31,38 +30,19 @@ def _count(n: int) -> str:
 
 def format_summary(summary) -> List[str]:
     """The lines `info` prints for a `CheckpointSummary`."""
-    cfg = summary.config
-    llm, vit, spec = cfg.llm, cfg.vision, cfg.spec
+    from ms_xcomposer.families import family_named
+
+    family = family_named(summary.family)
     lines = [
         f"{summary.path}: {_KIND[summary.kind]}, {summary.format} ({summary.files} file(s), "
         f"{summary.bytes / 1e9:.3f} GB)",
-        f"variant: {_VARIANT_NAMES[cfg.variant]} ({cfg.variant})",
+        f"family: {family.name} ({family.description})",
+        *family.describe(summary.config)[:1],
         f"parameters: {_count(summary.total_params)} in {summary.tensors} tensors",
     ]
     lines += [f"  {name:<22} {_count(n)}" for name, n in summary.params.items()]
     lines.append("dtypes: " + ", ".join(f"{d} ({n} tensors)" for d, n in summary.dtypes.items()))
-    rope = (f", rope scaling {llm.rope_scaling['type']} x{llm.rope_scaling['factor']}" if llm.rope_scaling
-            else ", no rope scaling")
-    lines.append(f"language model: InternLM2, hidden {llm.hidden_size}, {llm.num_hidden_layers} layers, "
-                 f"{llm.num_attention_heads} heads ({llm.num_key_value_heads} KV heads, head_dim {llm.head_dim}), "
-                 f"FFN {llm.intermediate_size}, vocab rows {llm.vocab_size}, rope theta {llm.rope_theta:,.0f}{rope}, "
-                 f"max positions {llm.max_position_embeddings}")
-    lines.append(f"vision tower: CLIP ViT, image {vit.image_size}, patch {vit.patch_size} (grid {vit.grid}x{vit.grid}), "
-                 f"width {vit.hidden_size}, {vit.num_hidden_layers} layers, {vit.num_attention_heads} heads, "
-                 f"FFN {vit.intermediate_size}, post_layernorm {'present (unused)' if cfg.has_post_layernorm else 'absent'}")
-    merge = ", 2x2 patch merge" if spec.hd_tiles else ""
-    lines.append(f"projector: {cfg.proj_in} -> {cfg.proj_hidden} -> {llm.hidden_size} (GELU){merge}")
-    lines.append("PLoRA: " + ", ".join(f"{n} r={p.rank} alpha={p.alpha} (scale {p.scale:g})"
-                                       for n, p in cfg.plora.items()))
-    lines.append("task adapters: " + (", ".join(f"lora_{t}" for t in cfg.task_adapters) +
-                                      f" (rank {cfg.task_adapter_rank})" if cfg.task_adapters else "none"))
-    if spec.hd_tiles:
-        tiles = (f"HD tiles of {spec.tile_size} px, default hd_num {spec.default_hd_num}"
-                 + (f" ({spec.multi_image_hd_num} with several images)" if spec.multi_image_hd_num else "")
-                 + f"; image tokens: {cfg.image_tokens(1, 1)} for 1 tile, {cfg.image_tokens(2, 2)} for 2x2")
-    else:
-        tiles = f"one {spec.tile_size}x{spec.tile_size} view, {cfg.image_tokens()} tokens per image"
-    lines.append(f"images: {tiles}")
+    lines += family.describe(summary.config)[1:]
     lines.append("shapes:")
     width = max(len(g.pattern) for g in summary.groups)
     for g in summary.groups:

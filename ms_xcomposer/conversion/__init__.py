@@ -1,7 +1,7 @@
-"""Checkpoint conversion: HF XComposer2 checkpoints <-> MindSpore checkpoint directories, streamed and exact.
+"""Checkpoint conversion: HF checkpoints of any registered family <-> MindSpore directories, streamed and exact.
 
 - `readers.open_checkpoint(path)`: lazy reader over an HF dir (.bin / safetensors) or a converted dir.
-- `keymap`: the one HF <-> MindSpore name table; `model_parameter_shapes(config)`.
+- `keymap`: the machinery of the families' HF <-> MindSpore name tables (`KeyTable`, `Rule`, `plan_hf_to_ms`).
 - `convert.convert`, `convert.export_hf`, `convert.verify`: the library behind the CLI commands.
 - `synthetic.write_random_hf_checkpoint`: tiny (or benchmark-sized) random checkpoints in the real HF layout.
 

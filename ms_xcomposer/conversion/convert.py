@@ -17,7 +17,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ms_xcomposer import __version__
-from ms_xcomposer.config import XComposerConfig
 from ms_xcomposer.conversion import keymap, layout
 from ms_xcomposer.conversion.errors import CheckpointError
 from ms_xcomposer.conversion.pipeline import FLOAT_DTYPES, Job, cast, interleave, stream
@@ -70,15 +69,15 @@ def _shard_bytes(shard_size: Union[int, str]) -> int:
     return shard_size if isinstance(shard_size, int) else parse_size(shard_size)
 
 
-def _check_plan(reader: CheckpointReader, plan: keymap.Plan, config: XComposerConfig) -> None:
+def _check_plan(reader: CheckpointReader, plan: keymap.Plan) -> None:
     """Raise one error naming every missing, unknown and wrongly shaped tensor."""
     problems = []
+    config = reader.config
     if plan.missing:
         problems.append(f"{len(plan.missing)} required tensors are missing (the config has "
-                        f"{config.llm.num_hidden_layers} decoder and {config.vision.num_hidden_layers} vision "
-                        f"layers): {_names(plan.missing)}")
+                        f"{config.llm.num_hidden_layers} decoder layers): {_names(plan.missing)}")
     if plan.unknown:
-        problems.append(f"{len(plan.unknown)} tensors are not parameters of this {config.variant} model: "
+        problems.append(f"{len(plan.unknown)} tensors are not parameters of this {reader.family.name} model: "
                         f"{_names(plan.unknown)}; pass --keep-unknown to keep them under their own names")
     for name, expected, found in plan.shape_errors:
         problems.append(f"{reader.info(name).file}: tensor {name!r} has shape {list(found)}, but the config "
@@ -176,7 +175,8 @@ def convert(src: str, dst: str, *, dtype: str = "keep", fmt: str = "ckpt",
             shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, task_lora: str = "keep", keep_unknown: bool = False,
             check_finite: bool = False, check_crc: bool = False, overwrite: bool = False,
             progress: Progress = None) -> ConversionResult:
-    """Convert an HF XComposer2 directory (safetensors or `.bin`) to a MindSpore checkpoint directory.
+    """Convert an HF directory (safetensors or `.bin`) of a registered model family to a MindSpore checkpoint
+    directory (the family, from config.json's `architectures`, is recorded in the output's config.json).
 
     dtype: "keep" (bit-exact) or a float dtype (cast via fp32, rounded once, nearest-even); fmt: "ckpt" or
     "safetensors"; shard_size: bytes or a size string ("5GB"); task_lora: "keep" or "drop" the 2.5 task
@@ -195,12 +195,12 @@ def convert(src: str, dst: str, *, dtype: str = "keep", fmt: str = "ckpt",
     with open_checkpoint(src) as reader:
         if reader.kind != "hf":
             raise CheckpointError(f"{src} is a converted MindSpore checkpoint, not a Hugging Face directory")
-        config = reader.config
-        plan = keymap.plan_hf_to_ms(reader.shapes(), config, keep_task_adapters=task_lora == "keep",
-                                    keep_unknown=keep_unknown)
-        _check_plan(reader, plan, config)
+        family, config = reader.family, reader.config
+        plan = keymap.plan_hf_to_ms(reader.shapes(), family.parameter_shapes(config), family.keys,
+                                    keep_task_adapters=task_lora == "keep", keep_unknown=keep_unknown)
+        _check_plan(reader, plan)
         if task_lora == "drop":
-            config = dataclasses.replace(config, task_adapters=())
+            config = family.without_optional(config)
         jobs = []
         for m in plan.mapped:
             t = keymap.TRANSFORMS[m.rule.transform]
@@ -221,8 +221,8 @@ def convert(src: str, dst: str, *, dtype: str = "keep", fmt: str = "ckpt",
             "kept_unknown": [m.source for m in plan.mapped if m.rule is keymap.KEPT_UNKNOWN],
         }
         return _run(reader, dst, jobs, fmt, layout.MS_SHARD_STEM, layout.MS_INDEX, shard_size,
-                    {"format": "ms"}, {**hf_fields, layout.MS_SECTION: config.to_dict()}, report_args,
-                    {"format": fmt, "variant": config.variant}, overwrite, check_finite, check_crc, progress,
+                    {"format": "ms"}, {**hf_fields, layout.MS_SECTION: {"family": family.name, **config.to_dict()}},
+                    report_args, {"format": fmt, "family": family.name}, overwrite, check_finite, check_crc, progress,
                     "hf_to_ms")
 
 
@@ -235,7 +235,7 @@ def export_hf(src: str, dst: str, *, shard_size: Union[int, str] = DEFAULT_SHARD
             raise CheckpointError(f"{src} is not a converted MindSpore directory (no {layout.MS_INDEX})")
         jobs, renamed, unknown = [], [], []
         for key in reader.keys():
-            m = keymap.match_ms(key)
+            m = reader.family.keys.match_ms(key)
             target, name = (key, "none") if m is None else (m.target, m.rule.transform)
             if m is None:
                 unknown.append(key)
@@ -289,7 +289,7 @@ def _by_ms_name(reader: CheckpointReader, skipped: List[str]) -> Dict[str, Tuple
     drops are listed in `skipped`."""
     out: Dict[str, Tuple[str, _ToMs]] = {}
     for key in reader.keys():
-        m = keymap.match_hf(key) if reader.kind == "hf" else None
+        m = reader.family.keys.match_hf(key) if reader.kind == "hf" else None
         if m is None:
             out[key] = (key, None)
         elif m.target is None:
@@ -339,10 +339,10 @@ def verify(first: str, second: str, progress: Progress = None) -> VerifyResult:
         total = sum(a.nbytes(k) for k in a.keys())
         names_a = _by_ms_name(a, result.skipped)
         names_b = _by_ms_name(b, result.skipped)
-        no_adapters = [r for r in (a, b) if r.kind == "ms" and not r.config.task_adapters]
+        no_adapters = [r for r in (a, b) if r.kind == "ms" and not getattr(r.config, "task_adapters", ())]
         for name, (ka, ta) in names_a.items():
             if name not in names_b:
-                m = keymap.match_ms(name)
+                m = a.family.keys.match_ms(name)
                 if no_adapters and m is not None and m.rule.kind == keymap.TASK_ADAPTER:
                     result.skipped.append(f"{name}: task adapter dropped by conversion")
                 else:

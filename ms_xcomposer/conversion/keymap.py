@@ -1,17 +1,18 @@
-"""The one table mapping HF checkpoint names to MindSpore parameter names, used in both directions.
+"""HF <-> MindSpore name tables: the machinery each model family's table is written in, used in both directions.
 
-Each `Rule` pairs an HF name pattern with a MindSpore name pattern. Patterns are literal names with
-placeholders: `{n}` (a layer index) and `{a|b|c}` (one of the listed words). Both patterns of a rule hold the
-same placeholders in the same order, so a name maps forward and back by swapping them. A rule's `kind` says
-what happens to a matching tensor:
+A family's `KeyTable` (in `ms_xcomposer/models/<family>/keys.py`) is a tuple of `Rule`s. Each pairs an HF name
+pattern with a MindSpore name pattern. Patterns are literal names with placeholders: `{n}` (a layer index)
+and `{a|b|c}` (one of the listed words). Both patterns of a rule hold the same placeholders in the same order,
+so a name maps forward and back by swapping them. A rule's `kind` says what happens to a matching tensor:
 
-- "param": a model parameter, renamed (today: identically; the Cells mirror the HF module tree) and passed
-  through the rule's named `transform` (today: "none", i.e. the bytes unchanged);
-- "task_adapter": a 2.5 task adapter (`lora_{web,sft,dpo}_{A,B}`), kept unless conversion drops them;
+- "param": a model parameter, renamed and passed through the rule's named `transform` ("none": the bytes
+  unchanged). Where the Cells mirror the HF module tree the rule maps a name to itself;
+- "task_adapter": an optional group of parameters (IXC-2.5's `lora_{web,sft,dpo}_{A,B}`), kept unless
+  conversion drops them;
 - "drop": a buffer that is not a weight (`rotary_emb.inv_freq`, CLIP `position_ids`), dropped with its reason.
 
-A name no rule matches is unknown. `model_parameter_shapes(config)` lists every parameter the model has, with
-its shape, so missing keys and shapes that contradict the config are found before any tensor is read.
+A name no rule matches is unknown. Which parameters a model has, with their shapes, comes from the family's
+Cells (`Family.parameter_shapes`), never from a second table, so the converter and the model cannot disagree.
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-
-from ms_xcomposer.config import PLORA_LINEARS, TASK_ADAPTERS, VIT_PREFIX, XComposerConfig
 
 PARAM, TASK_ADAPTER, DROP = "param", "task_adapter", "drop"
 
@@ -104,43 +103,9 @@ def _rename(regex: "re.Pattern[str]", template: str, name: str) -> Optional[str]
     return _PLACEHOLDER.sub(lambda _: next(values), template)
 
 
-def _same(pattern: str, kind: str = PARAM, reason: str = "") -> Rule:
+def same(pattern: str, kind: str = PARAM, reason: str = "") -> Rule:
+    """A rule that keeps the name (the Cells mirror the HF module tree there)."""
     return Rule(pattern, pattern, kind, reason)
-
-
-_ATT, _FFN = "{wqkv|wo}", "{w1|w2|w3}"
-_TASKS = "{" + "|".join(TASK_ADAPTERS) + "}"
-_V = VIT_PREFIX
-
-# The table. Order matters only for readability: a name matches at most one rule (checked in the tests).
-RULES: Tuple[Rule, ...] = (
-    # InternLM2 language model
-    _same("model.tok_embeddings.weight"),
-    _same("model.norm.weight"),
-    _same("output.weight"),
-    _same("model.layers.{n}.{attention_norm|ffn_norm}.weight"),
-    _same(f"model.layers.{{n}}.attention.{_ATT}.weight"),
-    _same(f"model.layers.{{n}}.feed_forward.{_FFN}.weight"),
-    _same(f"model.layers.{{n}}.attention.{_ATT}.Plora_{{A|B}}.weight"),
-    _same(f"model.layers.{{n}}.feed_forward.{_FFN}.Plora_{{A|B}}.weight"),
-    _same(f"model.layers.{{n}}.attention.{_ATT}.lora_{_TASKS}_{{A|B}}.weight", TASK_ADAPTER,
-          "IXC-2.5 task adapter (web / write modes)"),
-    _same(f"model.layers.{{n}}.feed_forward.{_FFN}.lora_{_TASKS}_{{A|B}}.weight", TASK_ADAPTER,
-          "IXC-2.5 task adapter (web / write modes)"),
-    _same("model.layers.{n}.attention.rotary_emb.inv_freq", DROP,
-          "RoPE buffer, recomputed from rope_theta; not a weight"),
-    # CLIP vision tower
-    _same(_V + "embeddings.class_embedding"),
-    _same(_V + "embeddings.{patch_embedding|position_embedding}.weight"),
-    _same(_V + "embeddings.position_ids", DROP, "CLIP position index buffer; not a weight"),
-    _same(_V + "{pre_layrnorm|post_layernorm}.{weight|bias}"),
-    _same(_V + "encoder.layers.{n}.self_attn.{q_proj|k_proj|v_proj|out_proj}.{weight|bias}"),
-    _same(_V + "encoder.layers.{n}.{layer_norm1|layer_norm2}.{weight|bias}"),
-    _same(_V + "encoder.layers.{n}.mlp.{fc1|fc2}.{weight|bias}"),
-    # projector and HD separators
-    _same("vision_proj.{0|2}.{weight|bias}"),
-    _same("{plora_glb_GN|plora_sub_GN}"),
-)
 
 
 # Stands in for a table rule when an unknown name is kept (--keep-unknown): same name, bytes unchanged.
@@ -156,82 +121,34 @@ class Match:
     rule: Rule
 
 
-def match_hf(hf_name: str) -> Optional[Match]:
-    """The rule and MindSpore name for an HF name, or None if the name is unknown."""
-    for rule in RULES:
-        target = rule.to_ms(hf_name)
-        if target is not None:
-            return Match(hf_name, None if rule.kind == DROP else target, rule)
-    return None
+class KeyTable:
+    """A family's rules. A name matches at most one rule (checked by `check_unambiguous` in the tests)."""
 
+    def __init__(self, rules: Sequence[Rule]):
+        self.rules = tuple(rules)
 
-def match_ms(ms_name: str) -> Optional[Match]:
-    """The rule and HF name for a MindSpore parameter name, or None if the name is unknown."""
-    for rule in RULES:
-        if rule.kind == DROP:
-            continue
-        target = rule.to_hf(ms_name)
-        if target is not None:
-            return Match(ms_name, target, rule)
-    return None
+    def match_hf(self, hf_name: str) -> Optional[Match]:
+        """The rule and MindSpore name for an HF name, or None if the name is unknown."""
+        for rule in self.rules:
+            target = rule.to_ms(hf_name)
+            if target is not None:
+                return Match(hf_name, None if rule.kind == DROP else target, rule)
+        return None
 
+    def match_ms(self, ms_name: str) -> Optional[Match]:
+        """The rule and HF name for a MindSpore parameter name, or None if the name is unknown."""
+        for rule in self.rules:
+            if rule.kind == DROP:
+                continue
+            target = rule.to_hf(ms_name)
+            if target is not None:
+                return Match(ms_name, target, rule)
+        return None
 
-def model_parameter_shapes(config: XComposerConfig, task_adapters: bool = True) -> Dict[str, Tuple[int, ...]]:
-    """Every parameter of the model `config` describes, by MindSpore name, with its shape.
-
-    Task adapters are included when the config has them and `task_adapters` is true.
-    """
-    llm, vit = config.llm, config.vision
-    h, ffn = llm.hidden_size, llm.intermediate_size
-    linears = {"wqkv": ("attention", h, llm.qkv_out), "wo": ("attention", h, h),
-               "w1": ("feed_forward", h, ffn), "w3": ("feed_forward", h, ffn), "w2": ("feed_forward", ffn, h)}
-    shapes: Dict[str, Tuple[int, ...]] = {
-        "model.tok_embeddings.weight": (llm.vocab_size, h),
-        "model.norm.weight": (h,),
-        "output.weight": (llm.vocab_size, h),
-    }
-    for i in range(llm.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "attention_norm.weight"] = (h,)
-        shapes[p + "ffn_norm.weight"] = (h,)
-        for name in PLORA_LINEARS:
-            group, d_in, d_out = linears[name]
-            base = f"{p}{group}.{name}."
-            r = config.plora[name].rank
-            shapes[base + "weight"] = (d_out, d_in)
-            shapes[base + "Plora_A.weight"] = (r, d_in)
-            shapes[base + "Plora_B.weight"] = (d_out, r)
-            for task in config.task_adapters if task_adapters else ():
-                shapes[base + f"lora_{task}_A.weight"] = (config.task_adapter_rank, d_in)
-                shapes[base + f"lora_{task}_B.weight"] = (d_out, config.task_adapter_rank)
-    w, v = vit.hidden_size, VIT_PREFIX
-    shapes[v + "embeddings.class_embedding"] = (w,)
-    shapes[v + "embeddings.patch_embedding.weight"] = (w, 3, vit.patch_size, vit.patch_size)
-    shapes[v + "embeddings.position_embedding.weight"] = (vit.num_positions, w)
-    norms = ["pre_layrnorm"] + (["post_layernorm"] if config.has_post_layernorm else [])
-    for norm in norms:
-        shapes[v + norm + ".weight"] = (w,)
-        shapes[v + norm + ".bias"] = (w,)
-    for i in range(vit.num_hidden_layers):
-        p = f"{v}encoder.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"{p}self_attn.{proj}.weight"] = (w, w)
-            shapes[f"{p}self_attn.{proj}.bias"] = (w,)
-        for norm in ("layer_norm1", "layer_norm2"):
-            shapes[f"{p}{norm}.weight"] = (w,)
-            shapes[f"{p}{norm}.bias"] = (w,)
-        shapes[p + "mlp.fc1.weight"] = (vit.intermediate_size, w)
-        shapes[p + "mlp.fc1.bias"] = (vit.intermediate_size,)
-        shapes[p + "mlp.fc2.weight"] = (w, vit.intermediate_size)
-        shapes[p + "mlp.fc2.bias"] = (w,)
-    shapes["vision_proj.0.weight"] = (config.proj_hidden, config.proj_in)
-    shapes["vision_proj.0.bias"] = (config.proj_hidden,)
-    shapes["vision_proj.2.weight"] = (h, config.proj_hidden)
-    shapes["vision_proj.2.bias"] = (h,)
-    if config.spec.hd_tiles:
-        shapes["plora_glb_GN"] = (1, 1, config.proj_in)
-        shapes["plora_sub_GN"] = (1, 1, 1, config.proj_in)
-    return shapes
+    def is_dropped(self, name: str) -> bool:
+        """Whether `name` is a buffer the table drops (not a weight), e.g. `rotary_emb.inv_freq`."""
+        m = self.match_hf(name)
+        return m is not None and m.rule.kind == DROP
 
 
 @dataclass
@@ -245,18 +162,18 @@ class Plan:
     shape_errors: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
 
 
-def plan_hf_to_ms(shapes: Mapping[str, Sequence[int]], config: XComposerConfig, keep_task_adapters: bool = True,
-                  keep_unknown: bool = False) -> Plan:
-    """Classify every HF tensor (by name -> shape) against the table and the parameters `config` requires.
+def plan_hf_to_ms(shapes: Mapping[str, Sequence[int]], required: Mapping[str, Tuple[int, ...]], table: KeyTable,
+                  keep_task_adapters: bool = True, keep_unknown: bool = False) -> Plan:
+    """Classify every HF tensor (by name -> shape) against `table` and the parameters the model requires
+    (`required`: MindSpore name -> shape, from the family's Cells, task adapters included).
 
-    Unknown names are those no rule matches and those that match a rule but are no parameter of this config
+    Unknown names are those no rule matches and those that match a rule but are no parameter of this model
     (e.g. a layer index past num_hidden_layers). With `keep_unknown` they are kept under their own names.
     """
-    required = model_parameter_shapes(config, task_adapters=True)
     plan = Plan()
     seen = set()
     for name in shapes:
-        m = match_hf(name)
+        m = table.match_hf(name)
         if m is not None and m.rule.kind == DROP:
             plan.dropped.append((name, m.rule.reason))
             continue

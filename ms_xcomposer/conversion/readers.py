@@ -38,7 +38,6 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import ml_dtypes
 import numpy as np
 
-from ms_xcomposer.config import XComposerConfig
 from ms_xcomposer.conversion import layout
 from ms_xcomposer.conversion.errors import CheckpointError, UnsafePickleError
 
@@ -632,7 +631,7 @@ class CheckpointReader:
         except CheckpointError:
             self.close()
             raise
-        self._config: Optional[XComposerConfig] = None
+        self._config = None
 
     def _index(self, weight_map: Optional[Mapping[str, str]]) -> None:
         by_name = {os.path.basename(s.path): s for s in self._shards}
@@ -732,14 +731,31 @@ class CheckpointReader:
         return d
 
     @property
-    def config(self) -> XComposerConfig:
-        """The model config: stored by the converter (MS dir), or inferred from config.json + shapes (HF dir)."""
+    def family(self) -> "Family":  # noqa: F821 - ms_xcomposer.families, imported lazily (it imports the keymaps)
+        """The model family: recorded by the converter (MS dir), or from config.json's `architectures` (HF dir)."""
+        from ms_xcomposer.families import family_for_hf_config, family_for_section
+
+        if self.kind == "ms":
+            return family_for_section(self._ms_section(), self.config_path)
+        return family_for_hf_config(self.hf_config, self.config_path)
+
+    @property
+    def config(self):
+        """The family's model config: stored by the converter (MS dir), or inferred from config.json + shapes
+        (HF dir)."""
         if self._config is None:
             if self.kind == "ms":
-                self._config = XComposerConfig.from_dir(os.path.dirname(self.config_path))
+                self._config = self.family.config_from_section(self._ms_section(), self.config_path)
             else:
-                self._config = XComposerConfig.from_hf(self.hf_config, self.shapes())
+                self._config = self.family.config_from_hf(self.hf_config, self.shapes())
         return self._config
+
+    def _ms_section(self) -> Dict[str, object]:
+        d = _read_json(self.config_path, "config")
+        if layout.MS_SECTION not in d:
+            raise CheckpointError(f"{self.config_path} has no {layout.MS_SECTION!r} section: is "
+                                  f"{os.path.dirname(self.config_path)} a converted directory?")
+        return d[layout.MS_SECTION]
 
     def close(self) -> None:
         for s in self._shards:

@@ -22,9 +22,8 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from ms_xcomposer.config import XComposerConfig
+from ms_xcomposer.models.xcomposer2.config import XComposerConfig
 from ms_xcomposer.conversion import layout
-from ms_xcomposer.conversion.keymap import model_parameter_shapes
 from ms_xcomposer.conversion.readers import TORCH_STORAGES, dtype_name, numpy_dtype
 from ms_xcomposer.conversion.writers import SafetensorsShardWriter, TensorSpec, copy_side_files
 
@@ -195,7 +194,9 @@ def write_random_hf_checkpoint(dst: str, config: XComposerConfig, fmt: str = "bi
         raise ValueError(f"fmt {fmt!r} not supported; expected 'bin' or 'safetensors'")
     os.makedirs(dst, exist_ok=True)
     extra = {k: np.asarray(v) for k, v in (extra_tensors or {}).items()}
-    shapes = model_parameter_shapes(config)
+    from ms_xcomposer.models.xcomposer2 import FAMILY
+
+    shapes = FAMILY.parameter_shapes(config)
     names = [n for n in shapes if n not in omit] + [k for k in extra if k not in shapes]
     specs = [TensorSpec(n, dtype_name(extra[n].dtype), tuple(extra[n].shape)) if n in extra
              else TensorSpec(n, dtype, shapes[n]) for n in names]

@@ -1,4 +1,9 @@
-"""InternLM2 with PLoRA as MindSpore Cells; parameter names equal the HF keys under `model.`.
+"""InternLM2 with optional PLoRA as MindSpore Cells; parameter names equal the HF keys under `model.`.
+
+Shared by the families whose LLM is InternLM2: XComposer2 (PLoRA on every linear) and InternVL (PLoRA off:
+a linear of rank 0 is a plain linear with no extra parameters or cost). Every layer takes the engine's
+arguments (`ms_xcomposer.engine`): the per-token mask is the image mask PLoRA applies, and the flags are
+(use_plora, infer_mode), compile-time constants.
 
 The KV cache is explicit: every layer takes its key/value cache tensors [B, kv_heads, capacity, head_dim] and
 returns updated ones, with the new tokens written at `positions` by a scatter. Attention runs over the whole
@@ -13,7 +18,7 @@ from typing import Mapping, Sequence
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_xcomposer.config import LLMConfig, PLoRAConfig
+from ms_xcomposer.config import NO_PLORA, PLORA_LINEARS, LLMConfig, PLoRAConfig
 from ms_xcomposer.models.layers import zeros_param
 from ms_xcomposer.models.plora import PLoRALinear
 
@@ -123,7 +128,9 @@ class InternLM2DecoderLayer(nn.Cell):
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def construct(self, x, im_mask, cos, sin, positions, bias, k_cache, v_cache, use_plora, infer_mode):
+    def construct(self, x, im_mask, cos, sin, positions, bias, k_cache, v_cache, flags):
+        """The engine's layer call; flags = (use_plora, infer_mode)."""
+        use_plora, infer_mode = flags[0], flags[1]
         h, k_cache, v_cache = self.attention(self.attention_norm(x), im_mask, cos, sin, positions, bias,
                                              k_cache, v_cache, use_plora, infer_mode)
         x = x + h
@@ -134,9 +141,11 @@ class InternLM2DecoderLayer(nn.Cell):
 class InternLM2Model(nn.Cell):
     """`tok_embeddings`, `layers.N`, final `norm` (the `model.` subtree of the HF checkpoint)."""
 
-    def __init__(self, cfg: LLMConfig, plora: Mapping[str, PLoRAConfig], task_adapters: Sequence[str] = (),
+    def __init__(self, cfg: LLMConfig, plora: Mapping[str, PLoRAConfig] = None, task_adapters: Sequence[str] = (),
                  task_rank: int = 256, dtype=ms.float32):
+        """plora: {linear name: PLoRAConfig}; a linear not named (or of rank 0) is a plain linear."""
         super().__init__()
+        plora = {n: plora.get(n, NO_PLORA) for n in PLORA_LINEARS} if plora else dict.fromkeys(PLORA_LINEARS, NO_PLORA)
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.layers = nn.CellList([InternLM2DecoderLayer(cfg, plora, task_adapters, task_rank, dtype)
                                    for _ in range(cfg.num_hidden_layers)])

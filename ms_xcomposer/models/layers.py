@@ -1,14 +1,16 @@
 """Small layers shared by the vision tower and the language model, with HF parameter names."""
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
 
 
 def zeros_param(shape, dtype=ms.float32, name: str = "weight") -> Parameter:
-    """A parameter of zeros; real values come from the checkpoint (`load_state_dict`)."""
-    return Parameter(Tensor(np.zeros(shape, dtype=np.float32)).astype(dtype), name=name)
+    """A parameter of zeros whose memory is allocated only when first used: real values come from the
+    checkpoint (`weights.load_weights`), so a 7B model is built without a second copy of its weights, and
+    `Family.parameter_shapes` can list a model's parameters without allocating them."""
+    return Parameter(initializer("zeros", tuple(shape), dtype), name=name)
 
 
 _MATMUL_NT = ops.MatMul(transpose_b=True)

@@ -1,4 +1,4 @@
-"""PLoRA: a linear layer with a low-rank update applied only at image-token positions.
+"""PLoRA: a linear layer with a low-rank update applied only at image-token positions (rank 0: a plain linear).
 
 y = W x + (alpha / r) * B(A(x)) * im_mask, written as a mask multiply (no boolean indexing) so it compiles in
 GRAPH mode. IXC-2.5 checkpoints also carry task adapters `lora_{web,sft,dpo}_{A,B}`: the "web" and "write"
@@ -13,20 +13,21 @@ from mindspore import nn
 
 from ms_xcomposer.models.layers import Linear, linear, zeros_param
 
-# Task adapters each inference mode adds; "base" adds none.
-INFER_MODES = {"base": (), "web": ("web",), "write": ("sft", "dpo")}
 
 
 class PLoRALinear(nn.Cell):
-    """Bias-free linear `weight` [out, in] plus `Plora_A` [r, in], `Plora_B` [out, r] and task adapters."""
+    """Bias-free linear `weight` [out, in] plus `Plora_A` [r, in], `Plora_B` [out, r] (none when r is 0) and
+    task adapters."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: int,
                  task_adapters: Sequence[str] = (), task_rank: int = 256, dtype=ms.float32):
         super().__init__()
         self.weight = zeros_param((out_features, in_features), dtype)
-        self.Plora_A = Linear(in_features, rank, bias=False, dtype=dtype)
-        self.Plora_B = Linear(rank, out_features, bias=False, dtype=dtype)
-        self.lora_scale = alpha / rank
+        self.rank = rank
+        if rank:
+            self.Plora_A = Linear(in_features, rank, bias=False, dtype=dtype)
+            self.Plora_B = Linear(rank, out_features, bias=False, dtype=dtype)
+        self.lora_scale = alpha / rank if rank else 0.0
         self.task_adapters = tuple(task_adapters)
         for task in self.task_adapters:
             setattr(self, f"lora_{task}_A", Linear(in_features, task_rank, bias=False, dtype=dtype))
@@ -43,7 +44,7 @@ class PLoRALinear(nn.Cell):
             y = y + self.lora_web_B(self.lora_web_A(x))
         elif infer_mode == "write":
             y = y + self.lora_sft_B(self.lora_sft_A(x)) + self.lora_dpo_B(self.lora_dpo_A(x))
-        if use_plora:
+        if use_plora and self.rank:
             # Mask and scale applied to the rank-r activations, not the [S, out] product: the same values
             # (a 0/1 row mask and, in the released checkpoints, a power-of-two scale commute exactly with B)
             # at r/out of the cost of MindSpore's CPU broadcasting Mul.

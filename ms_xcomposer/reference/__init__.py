@@ -14,11 +14,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from ms_xcomposer.reference.checkpoint import iter_shards, read_config, shard_files, tensor_shapes
-from ms_xcomposer.reference.internlm2 import TASK_MODES, RotaryEmbedding, ntk_scaled_base
+from ms_xcomposer.models.xcomposer2.config import INFER_MODES
+from ms_xcomposer.reference.internlm2 import RotaryEmbedding, ntk_scaled_base
 from ms_xcomposer.reference.model import ReferenceConfig, ReferenceXComposer2
 from ms_xcomposer.reference.vision import assemble_hd, merge_2x2, split_views
 
 __all__ = [
-    "ReferenceConfig", "ReferenceXComposer2", "RotaryEmbedding", "TASK_MODES", "assemble_hd", "iter_shards",
+    "ReferenceConfig", "ReferenceXComposer2", "RotaryEmbedding", "INFER_MODES", "assemble_hd", "iter_shards",
     "merge_2x2", "ntk_scaled_base", "read_config", "shard_files", "split_views", "tensor_shapes",
 ]

@@ -11,7 +11,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
-from ms_xcomposer.config import XComposerConfig
+from ms_xcomposer.models.xcomposer2.config import XComposerConfig
 
 _SAFETENSORS = ("model.safetensors.index.json", "model.safetensors")
 _BIN = ("pytorch_model.bin.index.json", "pytorch_model.bin")

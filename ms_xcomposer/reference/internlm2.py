@@ -14,10 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
-from ms_xcomposer.config import PLoRAConfig, XComposerConfig
+from ms_xcomposer.models.xcomposer2.config import INFER_MODES, PLoRAConfig, XComposerConfig
 
-# Which task adapters each 2.5 inference mode adds (W += B @ A, no scaling); "base" uses none.
-TASK_MODES: Dict[str, Tuple[str, ...]] = {"base": (), "web": ("web",), "write": ("sft", "dpo")}
 
 
 class RMSNorm(nn.Module):
@@ -56,7 +54,7 @@ class PLoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor, im_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [B, L, in]; im_mask: [B, L] bool/0-1 or None (no image rows). Returns [B, L, out]."""
         y = F.linear(x, self.weight)
-        for name in TASK_MODES[self.task]:
+        for name in INFER_MODES[self.task]:
             y = y + getattr(self, f"lora_{name}_B")(getattr(self, f"lora_{name}_A")(x))
         if im_mask is not None and bool(im_mask.any()):
             lora = self.Plora_B(self.Plora_A(x)) * self.scale

@@ -14,9 +14,10 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ms_xcomposer.config import XComposerConfig
+from ms_xcomposer.models.xcomposer2.config import XComposerConfig
 from ms_xcomposer.reference.checkpoint import iter_shards, read_config
-from ms_xcomposer.reference.internlm2 import TASK_MODES, InternLM2Model, PLoRALinear, attention_bias
+from ms_xcomposer.models.xcomposer2.config import INFER_MODES
+from ms_xcomposer.reference.internlm2 import InternLM2Model, PLoRALinear, attention_bias
 from ms_xcomposer.reference.vision import VisionTower, assemble_hd, merge_2x2, split_views
 
 TextPiece = Union[torch.Tensor, Sequence[int]]
@@ -135,9 +136,9 @@ class ReferenceXComposer2(PreTrainedModel, GenerationMixin):
     def set_task(self, mode: str) -> None:
         """IXC-2.5 inference mode: "base" (no task adapter), "web" (lora_web) or "write" (lora_sft + lora_dpo);
         each adapter adds B(A(x)) with no scaling to every PLoRA linear."""
-        if mode not in TASK_MODES:
-            raise ValueError(f"unknown task mode {mode!r}; expected one of {sorted(TASK_MODES)}")
-        absent = [t for t in TASK_MODES[mode] if t not in self.xc.task_adapters]
+        if mode not in INFER_MODES:
+            raise ValueError(f"unknown task mode {mode!r}; expected one of {sorted(INFER_MODES)}")
+        absent = [t for t in INFER_MODES[mode] if t not in self.xc.task_adapters]
         if absent:
             raise ValueError(f"mode {mode!r} needs task adapters {absent}, which this checkpoint does not have")
         for module in self.modules():

@@ -27,7 +27,8 @@ interpolation matrices instead.
 
 Differences from the official loaders, on purpose: images with transparency are composited on white (the
 official `.convert("RGB")` keeps whatever colour hides under transparent pixels) and 16-bit greyscale images
-are scaled to 8 bits (PIL's conversion clips them to 255). Images over `MAX_IMAGE_PIXELS` are refused.
+are scaled to 8 bits (PIL's conversion clips them to 255), in `ms_xcomposer.images`. Images over
+`MAX_IMAGE_PIXELS` are refused.
 
 Video (IXC-2.5 only): `load_video_frames` samples frames at 1 fps (at most 32), `frames_to_canvas` tiles them
 on one white canvas with `<IMAGE i>` labels and separator lines, `video_transform` scales the canvas' short
@@ -39,39 +40,19 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageSequence
 
-from ms_xcomposer.bicubic import resize_bicubic_np
-from ms_xcomposer.config import VariantSpec, variant_spec
-
-CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
-CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
-
-# Largest accepted source image, in pixels (PIL's own decompression-bomb threshold). PIL itself refuses
-# images over twice its `Image.MAX_IMAGE_PIXELS` whatever limit is passed here.
-MAX_IMAGE_PIXELS = 89_478_485
+from ms_xcomposer.images import (  # noqa: F401  (re-exported: this family's processing API)
+    CLIP_MEAN, CLIP_STD, MAX_IMAGE_PIXELS, WHITE, ImageError, ImageInput, check_size, global_view, load_image,
+    normalize, open_image, split_tiles, tile_grid, to_rgb,
+)
+from ms_xcomposer.models.xcomposer2.config import VariantSpec, variant_spec
 
 # File extensions the official IXC-2.5 code treats as videos (a .gif path is an image there: its first frame).
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".wmv")
-
-_WHITE = (255, 255, 255)
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
-
-
-class ImageError(ValueError):
-    """An image or video cannot be read or is not acceptable (corrupt, empty, too large, wrong shape)."""
-
-
-def tile_size(variant: Union[str, VariantSpec]) -> int:
-    """Side of one ViT input for the variant: 490 (VL), 336 (4KHD), 560 (2.5)."""
-    return variant_spec(variant).tile_size
-
 
 # ---- the public entry point -----------------------------------------------------------------------------
 def preprocess(image: ImageInput, variant: Union[str, VariantSpec], hd_num: Optional[int] = None,
@@ -82,10 +63,10 @@ def preprocess(image: ImageInput, variant: Union[str, VariantSpec], hd_num: Opti
     array HxW / HxWx1 / HxWx3 / HxWx4, or already normalised float pixels [1,3,H,W] / [3,H,W], which are
     returned as float32 [1,3,H,W] after a shape check. hd_num: the HD tile budget (default: the variant's;
     ignored by VL and videos). max_pixels: largest accepted source image. font_path: label font of video
-    canvases (see `frames_to_canvas`). H and W are multiples of `tile_size(variant)`; VL gives 490x490.
+    canvases (see `frames_to_canvas`). H and W are multiples of the variant's `tile_size`; VL gives 490x490.
     """
     spec = variant_spec(variant)
-    tile = tile_size(spec)
+    tile = spec.tile_size
     if hd_num is None:
         hd_num = spec.default_hd_num
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
@@ -98,88 +79,6 @@ def preprocess(image: ImageInput, variant: Union[str, VariantSpec], hd_num: Opti
     else:
         img = hd_transform(img, hd_num, tile, spec.image_transform)
     return normalize(img)
-
-
-# ---- loading --------------------------------------------------------------------------------------------
-def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or a uint8 array; errors name the file.
-
-    Transparency is composited on white, 16-bit greyscale is scaled to 8 bits, other modes go through PIL's
-    conversion. Zero-size images and images over `max_pixels` pixels raise `ImageError`.
-    """
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        img = _open(path, max_pixels)
-        name = path
-    elif isinstance(image, Image.Image):
-        img = image
-        name = getattr(image, "filename", "") or "<PIL image>"
-    elif isinstance(image, np.ndarray):
-        img = _from_array(image)
-        name = "<array>"
-    else:
-        raise ImageError(f"expected an image path, a PIL image or a numpy array, got {type(image).__name__}")
-    _check_size(img.size, name, max_pixels)
-    try:
-        return to_rgb(img)
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # e.g. a lazily opened, truncated file
-        raise ImageError(f"{name!r} cannot be converted to RGB: {e}") from None
-
-
-def _open(path: str, max_pixels: int) -> Image.Image:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file {path!r} not found")
-    try:
-        with warnings.catch_warnings():
-            # PIL warns above its own limit; the explicit check below decides instead.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        _check_size(img.size, path, max_pixels)  # from the header, before decoding
-        img.load()
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path!r}: image too large to decode safely ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        if isinstance(e, ImageError):
-            raise
-        raise ImageError(f"{path!r} is not a readable image: {e}") from None
-    return img
-
-
-def _check_size(size: Tuple[int, int], name: str, max_pixels: int) -> None:
-    w, h = size
-    if w <= 0 or h <= 0:
-        raise ImageError(f"{name!r} is an empty image ({w}x{h})")
-    if w * h > max_pixels:
-        raise ImageError(f"{name!r} has {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-                         "(possible decompression bomb; pass a larger max_pixels to allow it)")
-
-
-def _from_array(arr: np.ndarray) -> Image.Image:
-    if arr.dtype != np.uint8:
-        raise ImageError(f"image arrays must be uint8 HxWx3 (or float normalised pixels), got dtype {arr.dtype}")
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        raise ImageError(f"image array of shape {arr.shape}: expected HxW, HxWx1, HxWx3 or HxWx4")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageError(f"image array of shape {arr.shape} is empty")
-    return Image.fromarray(np.ascontiguousarray(arr))
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB version of any PIL image: white behind transparency, 16-bit greyscale scaled to 8 bits."""
-    if img.mode in _SIXTEEN_BIT_MODES:
-        # x / 257 rounded maps 0..65535 onto 0..255; PIL's own conversion would clip everything over 255.
-        grey = (np.asarray(img).astype(np.uint32) + 128) // 257
-        img = Image.fromarray(grey.astype(np.uint8), "L")
-    if img.mode == "RGB":
-        return img
-    if "transparency" in img.info or img.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
-        rgba = img.convert("RGBA")
-        out = Image.new("RGB", rgba.size, _WHITE)
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        return out
-    return img.convert("RGB")
 
 
 # ---- transforms -----------------------------------------------------------------------------------------
@@ -211,18 +110,11 @@ def hd_transform(img: Image.Image, hd_num: int, tile: int, kind: str = "hd_botto
     img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
     target = math.ceil(new_h / tile) * tile
     top = (target - new_h) // 2 if kind == "hd_centre" else 0
-    canvas = Image.new("RGB", (new_w, target), _WHITE)
+    canvas = Image.new("RGB", (new_w, target), WHITE)
     canvas.paste(img, (0, top))
     if transposed:
         canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
     return canvas
-
-
-def normalize(img: Image.Image) -> np.ndarray:
-    """ToTensor + CLIP Normalize of an RGB image: float32 [1, 3, H, W], same float32 rounding as torchvision."""
-    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)
-    x = (x - CLIP_MEAN) / CLIP_STD
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
 def _check_pixels(pixels: np.ndarray, spec: VariantSpec, tile: int) -> np.ndarray:
@@ -236,27 +128,6 @@ def _check_pixels(pixels: np.ndarray, spec: VariantSpec, tile: int) -> np.ndarra
     if h == 0 or w == 0 or h % tile or w % tile:
         raise ImageError(f"{spec.name} expects H and W as positive multiples of {tile}, got {h}x{w}")
     return np.ascontiguousarray(pixels, dtype=np.float32)
-
-
-# ---- tiles and global view (used by the HD vision towers) ----------------------------------------------
-def tile_grid(pixels: np.ndarray, tile: int) -> Tuple[int, int]:
-    """(rows, cols) = (H // tile, W // tile) of normalised pixels [1, 3, H, W]; H, W must be multiples of tile."""
-    h, w = pixels.shape[-2:]
-    if h % tile or w % tile or h == 0 or w == 0:
-        raise ImageError(f"pixels of {h}x{w} do not split into {tile}x{tile} tiles")
-    return h // tile, w // tile
-
-
-def split_tiles(pixels: np.ndarray, tile: int) -> np.ndarray:
-    """Sub-images [rows*cols, 3, tile, tile] of pixels [1, 3, H, W], row-major, as the official vision tower."""
-    rows, cols = tile_grid(pixels, tile)
-    x = pixels.reshape(3, rows, tile, cols, tile).transpose(1, 3, 0, 2, 4)
-    return np.ascontiguousarray(x.reshape(rows * cols, 3, tile, tile))
-
-
-def global_view(pixels: np.ndarray, tile: int) -> np.ndarray:
-    """The whole image as one tile: float32 [1, 3, tile, tile], bicubic with align_corners=False (PyTorch's)."""
-    return resize_bicubic_np(pixels, tile, tile)
 
 
 # ---- video (IXC-2.5) ------------------------------------------------------------------------------------
@@ -300,7 +171,7 @@ def _sample_positions(n_frames: int, fps: float, max_frames: int) -> List[int]:
 
 
 def _read_animated_image(path: str, max_frames: int, max_pixels: int) -> List[Image.Image]:
-    img = _open(path, max_pixels)
+    img = open_image(path, max_pixels)
     durations = []
     frames = []
     try:
@@ -334,7 +205,7 @@ def _read_video_av(path: str, max_frames: int, max_pixels: int) -> List[Image.Im
         with av.open(path) as container:
             for idx, frame in enumerate(container.decode(video=0)):
                 if idx in wanted:
-                    _check_size((frame.width, frame.height), path, max_pixels)
+                    check_size((frame.width, frame.height), path, max_pixels)
                     frames.append(Image.fromarray(frame.to_ndarray(format="rgb24")))
                 if len(frames) == len(wanted):
                     break
@@ -375,7 +246,7 @@ def frames_to_canvas(frames: Sequence[Union[Image.Image, np.ndarray]], font_path
     else:
         canvas_w = sum(im.width + _GAP for im in resized)
         canvas_h = max(im.height for im in resized) + _LABEL_HEIGHT
-    canvas = Image.new("RGB", (canvas_w, canvas_h), _WHITE)
+    canvas = Image.new("RGB", (canvas_w, canvas_h), WHITE)
     draw = ImageDraw.Draw(canvas)
     offset = 0
     for idx, im in enumerate(resized):
@@ -416,7 +287,7 @@ def video_transform(canvas: Image.Image, tile: int = 560) -> Image.Image:
     new_w = int(tile * ratio)
     img = img.resize((new_w, tile), Image.Resampling.BILINEAR)
     img = img.transpose(Image.Transpose.TRANSPOSE)  # long side vertical: pad at the bottom
-    padded = Image.new("RGB", (img.width, math.ceil(img.height / tile) * tile), _WHITE)
+    padded = Image.new("RGB", (img.width, math.ceil(img.height / tile) * tile), WHITE)
     padded.paste(img, (0, 0))
     return padded if transposed else padded.transpose(Image.Transpose.TRANSPOSE)
 

@@ -2,7 +2,7 @@
 
 Pure Python (no MindSpore, no tokenizer): `build_chat_prompt` turns a query, the history and the number of
 images into an ordered list of pieces, each a text to tokenize (with or without BOS) or an image slot. The
-caller (`ms_xcomposer.chat`) tokenizes, embeds and concatenates them in that order.
+caller (`XComposer2Processor.prepare`) tokenizes, embeds and concatenates them in that order.
 
 The rules, as the official `chat` / `interleav_wrap_chat` / `build_inputs` of each variant apply them:
 
@@ -29,8 +29,8 @@ import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
-from ms_xcomposer.config import DEFAULT_META_INSTRUCTION, VariantSpec
-from ms_xcomposer.config import variant_spec as variant_spec_of
+from ms_xcomposer.models.xcomposer2.config import DEFAULT_META_INSTRUCTION, VariantSpec
+from ms_xcomposer.models.xcomposer2.config import variant_spec as variant_spec_of
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 BOS_TEXT = "<s>"

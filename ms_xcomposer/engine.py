@@ -1,0 +1,225 @@
+"""The generic engine: a decoder-only language model with an explicit KV cache, run as compiled pieces.
+
+It knows nothing of PLoRA, images or any family. A family's model subclasses `CausalLM`, owns its Cells
+(parameter names = the HF keys) and says three things:
+- `decoder`: the Cell with `tok_embeddings`, `layers` and `norm`, and `lm_head`: the output projection;
+- `llm_config`: the decoder's `LLMConfig` (heads, widths, RoPE);
+- `step_inputs(extras, batch, seq)`: its per-call extras (e.g. IXC's `im_mask`, `infer_mode`) as one per-token
+  tensor [B, S] and a tuple of compile-time flags. Every decoder layer is called as
+  `layer(x, token_mask, cos, sin, positions, bias, k_cache, v_cache, flags)` and returns (x, k_cache, v_cache).
+  Extras named in `per_token_extras` describe the prompt only; generation leaves them out of decode steps.
+
+Compiled pieces. The model itself is not compiled; it drives small parameter-free Cells that reference its
+sub-cells (so parameter names stay the HF keys) and that MindSpore compiles in GRAPH mode:
+- `DecoderStep`: embeddings -> decoder layers (KV cache in/out) -> norm -> logits. Batch, sequence and cache
+  capacity dimensions are dynamic, so every prefill length and every decode step reuse one graph per flag set.
+- `EmbedTokens`: the token-embedding lookup, dynamic batch and sequence (one graph for every prompt and step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from ms_xcomposer import runtime
+from ms_xcomposer.cache import KVCache, round_capacity
+from ms_xcomposer.config import LLMConfig
+from ms_xcomposer.models import rope
+
+MASKED = -1e30  # additive attention bias of hidden positions; softmax runs in float32
+
+
+@dataclass
+class CausalLMOutput:
+    """logits [B, S or 1, vocab] float32; past_key_values when use_cache; hidden_states when asked
+    (the input embeddings, then each decoder layer's output; final norm not applied)."""
+
+    logits: Tensor
+    past_key_values: Optional[KVCache] = None
+    hidden_states: Optional[Tuple[Tensor, ...]] = None
+
+
+class GraphPiece(nn.Cell):
+    """A parameter-free Cell that computes with the sub-cells of `owner`; compiled in GRAPH mode."""
+
+    def __init__(self, owner: "CausalLM"):
+        super().__init__(auto_prefix=False)
+        object.__setattr__(self, "owner", owner)  # not a child: the owner's parameter names stay as they are
+
+
+class DecoderStep(GraphPiece):
+    """New tokens through every decoder layer with the KV cache, then the final norm and the LM head."""
+
+    def __init__(self, owner: "CausalLM", flags: tuple, last_only: bool, hidden_states: bool):
+        super().__init__(owner)
+        self.flags, self.last_only, self.hidden_states = flags, last_only, hidden_states
+        object.__setattr__(self, "decoder", owner.decoder)
+        object.__setattr__(self, "lm_head", owner.lm_head)
+        llm, dt = owner.llm_config, owner.compute_dtype
+        # Batch, sequence and cache capacity are dynamic: one graph serves every prefill and decode step.
+        cache = ms.mutable(tuple(Tensor(shape=[None, llm.num_key_value_heads, None, llm.head_dim], dtype=dt)
+                                 for _ in range(llm.num_hidden_layers)))
+        self.set_inputs(Tensor(shape=[None, None, llm.hidden_size], dtype=dt), Tensor(shape=[None, None, 1], dtype=dt),
+                        Tensor(shape=[None, llm.head_dim], dtype=dt), Tensor(shape=[None, llm.head_dim], dtype=dt),
+                        Tensor(shape=[None], dtype=ms.int32), Tensor(shape=[None, None], dtype=ms.float32),
+                        cache, cache)
+
+    def construct(self, embeds, token_mask, cos, sin, positions, bias, k_caches, v_caches):
+        x = embeds
+        hidden = (x,)
+        new_k = ()
+        new_v = ()
+        for i, layer in enumerate(self.decoder.layers):
+            x, k, v = layer(x, token_mask, cos, sin, positions, bias, k_caches[i], v_caches[i], self.flags)
+            new_k = new_k + (k,)
+            new_v = new_v + (v,)
+            if self.hidden_states:
+                hidden = hidden + (x,)
+        if self.last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.decoder.norm(x)).astype(ms.float32)
+        return logits, new_k, new_v, hidden
+
+
+class EmbedTokens(GraphPiece):
+    """[B, S] int32 ids -> [B, S, hidden] embeddings; batch and sequence dynamic, so one graph serves all."""
+
+    def __init__(self, owner: "CausalLM"):
+        super().__init__(owner)
+        object.__setattr__(self, "decoder", owner.decoder)
+        self.set_inputs(Tensor(shape=[None, None], dtype=ms.int32))
+
+    def construct(self, ids):
+        return self.decoder.tok_embeddings(ids, self.owner.compute_dtype)
+
+
+class CausalLM(nn.Cell):
+    """Base of every family's model: the language-model call with an explicit KV cache (see the module doc).
+
+    Subclasses build their Cells in `__init__` (after `super().__init__(compute_dtype)`) and define `decoder`,
+    `lm_head`, `llm_config` and, when they take extras, `step_inputs` and `per_token_extras`.
+    """
+
+    per_token_extras: Tuple[str, ...] = ()
+
+    def __init__(self, compute_dtype=None):
+        super().__init__()
+        self.compute_dtype = compute_dtype if compute_dtype is not None else runtime.compute_dtype()
+        self._pieces: Dict[tuple, GraphPiece] = {}  # compiled pieces, keyed by their constant flags
+
+    # ---- what a family provides ------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Cell:
+        raise NotImplementedError
+
+    @property
+    def lm_head(self) -> nn.Cell:
+        raise NotImplementedError
+
+    @property
+    def llm_config(self) -> LLMConfig:
+        raise NotImplementedError
+
+    def step_inputs(self, extras: Mapping[str, object], batch: int, seq: int) -> Tuple[Optional[np.ndarray], tuple]:
+        """(per-token mask [B, S] or None, compile-time flags) from the family's extras. The base takes none."""
+        if extras:
+            raise TypeError(f"{type(self).__name__} takes no extra arguments, got {sorted(extras)}")
+        return None, ()
+
+    # ---- pieces ----------------------------------------------------------------------------------------
+    def _piece(self, key: tuple, make) -> GraphPiece:
+        if key not in self._pieces:
+            self._pieces[key] = make()
+        return self._pieces[key]
+
+    def compiled_graphs(self) -> int:
+        """How many graphs MindSpore has compiled for this model so far (0 in PyNative mode)."""
+        return sum(len(p.compile_cache) for p in self._pieces.values())
+
+    def embed_tokens(self, input_ids) -> Tensor:
+        """[B, S] token ids -> [B, S, hidden] embeddings in the compute dtype."""
+        ids = input_ids if isinstance(input_ids, Tensor) else Tensor(np.asarray(input_ids, dtype=np.int32))
+        return self._piece(("embed",), lambda: EmbedTokens(self))(ids.astype(ms.int32))
+
+    # ---- the language-model call -----------------------------------------------------------------------
+    def __call__(self, input_ids=None, inputs_embeds=None, past_key_values: Optional[KVCache] = None,
+                 use_cache: bool = False, last_logits_only: bool = False, output_hidden_states: bool = False,
+                 cache_capacity: Optional[int] = None, **extras) -> CausalLMOutput:
+        """Run the language model on new tokens, continuing `past_key_values` when given.
+
+        input_ids [B, S] or inputs_embeds [B, S, hidden]; `extras`: the family's per-call arguments (see
+        `step_inputs`). Returns CausalLMOutput (logits float32 [B, S, vocab], or [B, 1, vocab] with
+        last_logits_only). `cache_capacity` reserves room for later tokens in the returned cache.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else _as_tensor(inputs_embeds, self.compute_dtype)
+        batch, seq = int(embeds.shape[0]), int(embeds.shape[1])
+        mask, flags = self.step_inputs(extras, batch, seq)
+        if mask is None:
+            mask = np.zeros((batch, seq), np.float32)
+
+        llm = self.llm_config
+        cache = past_key_values
+        start = cache.length if cache is not None else 0
+        total = start + seq
+        want = max(total, cache_capacity or 0)
+        if cache is None:
+            cache = KVCache.allocate(llm, batch, round_capacity(want) if use_cache else total, self.compute_dtype)
+        elif cache.batch != batch:
+            raise ValueError(f"past_key_values holds batch {cache.batch}, inputs have batch {batch}")
+        elif cache.capacity < total:
+            cache = cache.grow(round_capacity(want))
+
+        cos, sin = rope.cos_sin(llm, start, seq)
+        key_pos = np.arange(cache.capacity)
+        query_pos = np.arange(start, total)
+        bias = np.where(key_pos[None, :] <= query_pos[:, None], 0.0, MASKED).astype(np.float32)
+        step = self._piece(("llm", flags, last_logits_only, output_hidden_states),
+                           lambda: DecoderStep(self, flags, last_logits_only, output_hidden_states))
+        logits, keys, values, hidden = step(
+            embeds, Tensor(mask[..., None]).astype(self.compute_dtype), Tensor(cos).astype(self.compute_dtype),
+            Tensor(sin).astype(self.compute_dtype), Tensor(query_pos.astype(np.int32)), Tensor(bias),
+            ms.mutable(cache.keys), ms.mutable(cache.values))
+        return CausalLMOutput(
+            logits=logits,
+            past_key_values=KVCache(tuple(keys), tuple(values), total) if use_cache else None,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+        )
+
+    # ---- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: Optional[Union[str, ms.dtype]] = None,
+                        compute_dtype: Optional[str] = None) -> "CausalLM":
+        """Load a converted MindSpore directory (or an HF directory: .bin or safetensors shards) of this class's
+        family.
+
+        dtype: the weights' storage dtype, "float32"/"float16"/"bfloat16". None keeps each weight's stored
+        dtype (cast to the compute dtype per call), except bf16 weights on CPU, which are upcast once at load
+        (exactly) because CPU kernels cannot compute in bf16. compute_dtype: None = the device default.
+        """
+        from ms_xcomposer.conversion.readers import open_checkpoint
+        from ms_xcomposer.generation import GenerationConfig
+        from ms_xcomposer.weights import load_weights
+
+        with open_checkpoint(path) as reader:
+            family = reader.family
+            if family.model_class() is not cls and cls is not CausalLM:
+                raise ValueError(f"{path} holds a {family.name} model, not a {cls.__name__}")
+            compute = runtime.compute_dtype(compute_dtype)
+            target = runtime.DTYPES[dtype] if isinstance(dtype, str) else dtype
+            if target is None and runtime.current_device() == "CPU" and any(
+                    reader.dtype(k) == "bfloat16" for k in reader.keys()):
+                target = compute
+            model = family.model_class()(reader.config, dtype=target or ms.float32, compute_dtype=compute)
+            load_weights(model, reader, dtype=target, skip=family.keys.is_dropped)
+        model.generation_config = GenerationConfig.from_pretrained(path)
+        return model
+
+
+def _as_tensor(x, dtype) -> Tensor:
+    t = x if isinstance(x, Tensor) else Tensor(np.asarray(x))
+    return t.astype(dtype) if t.dtype != dtype else t
