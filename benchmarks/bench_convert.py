@@ -49,7 +49,7 @@ CHILD = """
 import json, sys
 sys.path.insert(0, {root!r})
 from ms_xcomposer.conversion.convert import convert
-r = convert({src!r}, {dst!r}, fmt={fmt!r})
+r = convert({src!r}, {dst!r}, fmt={fmt!r}, allow_missing_tokenizer=True)  # random weights, no tokenizer
 print(json.dumps({{"tensors": r.tensors, "bytes": r.bytes_read, "seconds": r.seconds}}))
 """
 

@@ -294,11 +294,17 @@ class XComposerConfig:
     def from_dir(cls, path: str) -> "XComposerConfig":
         """Read the full config stored by the converter in `path/config.json`."""
         cfg_path = os.path.join(path, "config.json")
-        with open(cfg_path, encoding="utf-8") as f:
-            d = json.load(f)
-        if "ms_xcomposer" not in d:
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict) or not isinstance(d.get("ms_xcomposer"), dict):
             raise ConfigError(f"{cfg_path} has no 'ms_xcomposer' section: is {path} a converted directory?")
-        return cls.from_dict(d["ms_xcomposer"])
+        try:
+            return cls.from_dict(d["ms_xcomposer"])
+        except (KeyError, TypeError, ValueError) as e:  # a field missing, unknown or of the wrong type
+            raise ConfigError(f"{cfg_path}: malformed 'ms_xcomposer' section: {type(e).__name__}: {e}") from None
 
 
 def infer_vision_config(shapes: Mapping[str, Sequence[int]]) -> VisionConfig:

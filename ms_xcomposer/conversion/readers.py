@@ -741,6 +741,18 @@ class CheckpointReader:
                 self._config = XComposerConfig.from_hf(self.hf_config, self.shapes())
         return self._config
 
+    @property
+    def kept_unknown(self) -> List[str]:
+        """Tensors a converted directory's conversion report lists as kept unknown (`convert --keep-unknown`):
+        not parameters of the model, so loaders skip them. Empty for other checkpoints."""
+        report = os.path.join(os.path.dirname(self.config_path), layout.REPORT)
+        if self.kind != "ms" or not os.path.isfile(report):
+            return []
+        names = _read_json(report, "conversion report").get("unknown_kept", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"conversion report {report}: 'unknown_kept' is not a list of tensor names")
+        return names
+
     def close(self) -> None:
         for s in self._shards:
             s.close()
