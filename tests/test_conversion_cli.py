@@ -93,3 +93,22 @@ def test_sigterm_becomes_keyboard_interrupt():
             for _ in range(100):  # the handler runs at the next bytecode boundary
                 time.sleep(0.01)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_progress_lines_also_every_30_seconds(monkeypatch, capsys):
+    """A slow stretch below the next 10 % still shows the run is alive (a log under nohup)."""
+    from ms_xcomposer.commands import convert as command
+
+    clock = [100.0]
+    monkeypatch.setattr(command.time, "monotonic", lambda: clock[0])
+    lines = command._ProgressLines("convert")
+    total = 10**10
+    lines(10**8, total)  # 1 %, at once: nothing yet
+    clock[0] += 29.0
+    lines(10**8, total)
+    assert capsys.readouterr().err == ""
+    clock[0] += 1.0
+    lines(10**8, total)
+    assert capsys.readouterr().err == "convert: 3% (0.30 of 10.00 GB, 30 s)\n"
+    lines(7 * 10**8, total)
+    assert capsys.readouterr().err == "convert: 10% (1.00 of 10.00 GB, 30 s)\n"

@@ -4,12 +4,11 @@ were silent before (item 7): run as the real command in a subprocess, unless a l
 Judges: the file system before and after (directory listings, file bytes), the process ids the test started
 and killed itself, and the messages the issue asks for.
 """
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -220,8 +219,6 @@ def converted_dir(tmp_path_factory):
 
 
 def _broken_copy(converted_dir, tmp_path, edit):
-    import shutil
-
     dst = str(tmp_path / "ms")
     shutil.copytree(converted_dir, dst)
     edit(os.path.join(dst, "config.json"))
@@ -285,3 +282,12 @@ def test_kept_unknown_tensors_are_skipped_by_the_loader(tmp_path):
     edit_json(os.path.join(dst, "conversion_report.json"), lambda d: d.update(unknown_kept=[]))
     with pytest.raises(WeightsError, match="1 unexpected: model.extra_head.weight"):
         XComposer2ForCausalLM.from_pretrained(dst)  # only what the report records is skipped
+
+
+def test_a_wrongly_typed_hf_config_field_is_named(tmp_path, capsys):
+    src = str(tmp_path / "hf")
+    shutil.copytree(GOLDEN_ST, src)
+    edit_json(os.path.join(src, "config.json"), lambda d: d.update(hidden_size="abc"))
+    assert main(["info", src]) == 2
+    assert capsys.readouterr().err == (f"error: {os.path.join(src, 'config.json')}: ValueError: invalid literal for "
+                                       "int() with base 10: 'abc'\n")

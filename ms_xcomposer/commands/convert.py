@@ -108,8 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep tensors the key table does not know under their own names (default: refuse)")
     parser.add_argument("--check-finite", action="store_true", help="refuse tensors holding inf or nan")
     parser.add_argument("--check-crc", action=argparse.BooleanOptionalAction, default=True,
-                        help="verify the CRC-32 of every .bin storage, which torch.load does not (default; it "
-                             "costs ~1/3 more CPU: --no-check-crc skips it)")
+                        help="verify the CRC-32 of every .bin storage, which torch.load does not (default; ~1/3 "
+                             "more CPU than the sha256 hashing alone: --no-check-crc skips it)")
     parser.add_argument("--allow-missing-tokenizer", action="store_true",
                         help="convert a source without tokenizer.model (the output cannot chat until one is added)")
     parser.add_argument("--overwrite", action="store_true",

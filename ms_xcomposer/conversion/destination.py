@@ -88,7 +88,8 @@ def clean_stale(dst: str) -> List[str]:
         names = sorted(os.listdir(parent))
     except OSError:  # no parent yet: nothing left behind
         return []
-    found = [(n, o) for n in names if (o := _parse_owner(dst, n)) is not None and os.path.isdir(os.path.join(parent, n))]
+    found = [(n, o) for n in names
+             if (o := _parse_owner(dst, n)) is not None and os.path.isdir(os.path.join(parent, n))]
     messages = []
     host = _host()
     # old-* first: a restored DST must be in place before anything else looks at it
@@ -107,7 +108,8 @@ def clean_stale(dst: str) -> List[str]:
         size = _size(path)
         shutil.rmtree(path, ignore_errors=True)
         what = "temporary output" if kind == "tmp" else "replaced output"
-        messages.append(f"removed stale {what} {path} ({size / 1e9:.2f} GB) of a process that no longer runs "
+        done = "could not remove" if os.path.lexists(path) else "removed"  # e.g. no permission: say so
+        messages.append(f"{done} stale {what} {path} ({size / 1e9:.2f} GB) of a process that no longer runs "
                         f"(pid {pid})")
     return messages
 

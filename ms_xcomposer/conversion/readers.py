@@ -38,7 +38,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import ml_dtypes
 import numpy as np
 
-from ms_xcomposer.config import XComposerConfig
+from ms_xcomposer.config import ConfigError, XComposerConfig
 from ms_xcomposer.conversion import layout
 from ms_xcomposer.conversion.errors import CheckpointError, UnsafePickleError
 
@@ -738,7 +738,12 @@ class CheckpointReader:
             if self.kind == "ms":
                 self._config = XComposerConfig.from_dir(os.path.dirname(self.config_path))
             else:
-                self._config = XComposerConfig.from_hf(self.hf_config, self.shapes())
+                try:
+                    self._config = XComposerConfig.from_hf(self.hf_config, self.shapes())
+                except ConfigError:
+                    raise
+                except (KeyError, TypeError, ValueError) as e:  # a config.json field of the wrong type
+                    raise ConfigError(f"{self.config_path}: {type(e).__name__}: {e}") from None
         return self._config
 
     @property
