@@ -40,8 +40,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ms_xcomposer.config import preset  # noqa: E402
-from ms_xcomposer.conversion.keymap import model_parameter_shapes  # noqa: E402
+from ms_xcomposer.models.xcomposer2 import FAMILY  # noqa: E402
+from ms_xcomposer.models.xcomposer2.config import preset  # noqa: E402
 from ms_xcomposer.conversion.synthetic import write_random_hf_checkpoint  # noqa: E402
 
 GB = 1e9
@@ -49,7 +49,7 @@ CHILD = """
 import json, sys
 sys.path.insert(0, {root!r})
 from ms_xcomposer.conversion.convert import convert
-r = convert({src!r}, {dst!r}, fmt={fmt!r})
+r = convert({src!r}, {dst!r}, fmt={fmt!r}, allow_missing_tokenizer=True)  # random weights, no tokenizer
 print(json.dumps({{"tensors": r.tensors, "bytes": r.bytes_read, "seconds": r.seconds}}))
 """
 
@@ -107,7 +107,7 @@ def main() -> int:
 
     base = preset("ixc2.5-7b")
     config = dataclasses.replace(base, llm=dataclasses.replace(base.llm, num_hidden_layers=args.layers))
-    sizes = {k: int(np.prod(s)) * 2 for k, s in model_parameter_shapes(config).items()}
+    sizes = {k: int(np.prod(s)) * 2 for k, s in FAMILY.parameter_shapes(config).items()}
     largest = max(sizes.values())
     limit = 1 * GB + 2 * largest
     print(f"synthetic IXC-2.5 7B shapes, {args.layers} decoder layers: {len(sizes)} tensors, "

@@ -98,7 +98,7 @@ def ensure_checkpoint(cache_dir: str, rebuild: bool = False) -> DemoCheckpoint:
         return DemoCheckpoint(hf_dir, "reused", seconds=time.perf_counter() - start)
     existed = os.path.exists(hf_dir)
     config = preset(PRESET)
-    with AtomicDirectory(hf_dir, overwrite=True) as out:
+    with AtomicDirectory(hf_dir, overwrite=True, markers=(MANIFEST,)) as out:  # replaces only a demo checkpoint
         files = write_random_hf_checkpoint(out.tmp, config, fmt="bin", shards=2, seed=SEED)
         names = [os.path.basename(f) for f in files] + [layout.HF_BIN_INDEX, layout.CONFIG]
         names += write_tokenizer_files(out.tmp, config.llm.vocab_size, seed=SEED)

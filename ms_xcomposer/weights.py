@@ -1,6 +1,7 @@
 """Putting checkpoint tensors into a model's Parameters by name (the names are the HF keys)."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Mapping, Optional, Protocol
 
 import numpy as np
@@ -13,6 +14,9 @@ class WeightsError(ValueError):
 
 
 class TensorSource(Protocol):
+    """Named tensors. A source may also have `kept_unknown` (names that are not model parameters, kept by
+    `convert --keep-unknown`): `load_weights` skips those instead of refusing them."""
+
     path: str
 
     def keys(self) -> Iterable[str]: ...
@@ -45,11 +49,18 @@ def load_weights(model: nn.Cell, source: TensorSource, dtype: Optional[ms.dtype]
     skip(name): source entries that are not weights (the family key table's dropped buffers, e.g.
     `rotary_emb.inv_freq`, which an HF directory read directly still carries).
     Raises WeightsError listing missing keys, unexpected keys and shape mismatches (all of them at once).
+    Keys the source lists in `kept_unknown` are skipped with one warning.
     """
     params = dict(model.parameters_and_names())
     present = [k for k in source.keys() if not (skip and skip(k))]
     missing = sorted(set(params) - set(present))
     unexpected = sorted(set(present) - set(params))
+    kept = set(getattr(source, "kept_unknown", ()))
+    skipped = [k for k in unexpected if k in kept]
+    if skipped:
+        warnings.warn(f"{source.path}: skipping {len(skipped)} tensors that are not model parameters (kept by "
+                      f"convert --keep-unknown): {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
+        unexpected = [k for k in unexpected if k not in kept]
     wrong = [f"{k}: checkpoint {tuple(source.shape(k))}, model {tuple(params[k].shape)}"
              for k in sorted(set(present) & set(params)) if tuple(source.shape(k)) != tuple(params[k].shape)]
     problems = []

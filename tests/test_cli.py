@@ -28,11 +28,12 @@ WIDE, SMALL = (os.path.join(DATA, f"image_{n}.png") for n in ("wide", "small"))
 GREEDY = ["--max-new-tokens", "4", "--repetition-penalty", "1.0", "--hd-num", "1"]
 
 
-def run_cli(*args, stdin=None, timeout=600):
-    """`python -m ms_xcomposer ARGS` in a fresh process, as a user runs it (no GLOG_v set by us)."""
-    env = {k: v for k, v in os.environ.items() if k != "GLOG_v"}
+def run_cli(*args, stdin=None, timeout=600, cwd=ROOT, env=None):
+    """`python -m ms_xcomposer ARGS` in a fresh process, as a user runs it (no GLOG_v set by us); `env`: extra
+    environment variables."""
+    env = {**{k: v for k, v in os.environ.items() if k != "GLOG_v"}, **(env or {})}
     return subprocess.run([sys.executable, "-m", "ms_xcomposer", *args], input=stdin, capture_output=True,
-                          text=True, encoding="utf-8", env=env, cwd=ROOT, timeout=timeout)
+                          text=True, encoding="utf-8", env=env, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)

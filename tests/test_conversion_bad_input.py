@@ -73,7 +73,7 @@ def safetensors_cut_in_header(tmp_path):
 
 
 def corrupted_bin_storage(tmp_path):
-    """A flipped byte inside tensor data: found by the zip CRC (--check-crc) while streaming, mid-conversion."""
+    """A flipped byte inside tensor data: found by the zip CRC (checked by default) while streaming, mid-conversion."""
     src = _copy(GOLDEN_BIN, tmp_path)
     with open_checkpoint(src) as r:
         key = "model.layers.0.attention.wqkv.weight"
@@ -151,11 +151,17 @@ def not_a_checkpoint(tmp_path):
     return src, ["holds no checkpoint", "model.safetensors.index.json", "pytorch_model.bin"]
 
 
-FLAGS = {corrupted_bin_storage: ["--check-crc"], non_finite: ["--check-finite"]}
+def no_tokenizer(tmp_path):
+    src = _copy(GOLDEN_ST, tmp_path)
+    os.remove(os.path.join(src, "tokenizer.model"))
+    return src, [f"{src} has no tokenizer.model", "could not chat", "--allow-missing-tokenizer"]
+
+
+FLAGS = {non_finite: ["--check-finite"]}
 CASES = [missing_index_entry, missing_shard_file, truncated_bin, truncated_safetensors, safetensors_cut_in_header,
          corrupted_bin_storage, corrupted_bin_pickle, corrupted_safetensors_header, index_lists_absent_tensor,
          missing_required_keys, unknown_keys, shape_contradicts_config, heads_contradict_config, non_finite,
-         no_config, not_a_checkpoint]
+         no_config, not_a_checkpoint, no_tokenizer]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
@@ -178,12 +184,12 @@ def test_non_finite_without_the_flag_is_converted(tmp_path, capsys):
         assert np.isnan(r.read("model.norm.weight")[7])
 
 
-def test_corrupted_storage_without_check_crc(tmp_path, capsys):
-    """Without --check-crc the bytes are converted as they are (as torch.load would load them); `verify`
+def test_corrupted_storage_with_no_check_crc(tmp_path, capsys):
+    """With --no-check-crc the bytes are converted as they are (as torch.load would load them); `verify`
     reads with CRC checks and reports the corrupted shard."""
     src, expected = corrupted_bin_storage(tmp_path)
     dst = str(tmp_path / "ms")
-    assert _run_convert(capsys, src, dst)[0] == 0
+    assert _run_convert(capsys, src, dst, "--no-check-crc")[0] == 0
     assert main(["verify", src, dst, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert all(t in err for t in expected), err
@@ -196,6 +202,15 @@ def test_cast_overflow_caught_by_check_finite(tmp_path, capsys):
                              extra_tensors={"model.norm.weight": value})
     rc, err = _run_convert(capsys, src, str(tmp_path / "ms"), "--dtype", "float16", "--check-finite")
     assert rc == 2 and "model.norm.weight" in err and "after casting to float16" in err, err
+
+
+def test_missing_tokenizer_allowed_with_flag(tmp_path, capsys):
+    src, _ = no_tokenizer(tmp_path)
+    dst = str(tmp_path / "ms")
+    rc, err = _run_convert(capsys, src, dst, "--allow-missing-tokenizer")
+    assert rc == 0, err
+    assert err == f"warning: {src} has no tokenizer.model: none copied, so {dst} cannot chat until one is added\n"
+    assert "tokenizer.model" not in os.listdir(dst) and "tokenizer_config.json" in os.listdir(dst)
 
 
 def test_unknown_keys_kept_with_flag(tmp_path, capsys):
@@ -260,8 +275,9 @@ def test_destination_exists(tmp_path, capsys):
     rc, err = _run_convert(capsys, GOLDEN_ST, str(dst))
     assert rc == 2 and "already exists" in err and "--overwrite" in err
     assert os.listdir(dst) == ["keep.txt"]
+    os.remove(dst / "keep.txt")  # an empty directory may be replaced (see test_convert_safety for the rest)
     assert _run_convert(capsys, GOLDEN_ST, str(dst), "--overwrite")[0] == 0
-    assert "keep.txt" not in os.listdir(dst) and "mindspore_model.index.json" in os.listdir(dst)
+    assert "mindspore_model.index.json" in os.listdir(dst)
     assert [n for n in os.listdir(tmp_path) if n.startswith(".ms")] == []
 
 
@@ -270,7 +286,7 @@ def test_failed_overwrite_leaves_destination_intact(tmp_path, capsys):
     convert(GOLDEN_ST, dst)
     before = tree_bytes(dst)
     src, _ = corrupted_bin_storage(tmp_path)  # fails mid-stream, after the temporary output was started
-    rc, _ = _run_convert(capsys, src, dst, "--overwrite", "--check-crc")
+    rc, _ = _run_convert(capsys, src, dst, "--overwrite")
     assert rc == 2 and tree_bytes(dst) == before
     assert [n for n in os.listdir(tmp_path) if n.startswith(".ms")] == []
 

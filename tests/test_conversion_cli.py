@@ -52,11 +52,17 @@ def test_task_lora_drop_is_reported(tmp_path, capsys):
     assert re.search(r"^converted 82 tensors", out, re.M)
 
 
-def test_progress_bar_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+def _total_bytes(path):
+    with open_checkpoint(path) as r:
+        return sum(r.nbytes(k) for k in r.keys())
+
+
+def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     assert main(["convert", GOLDEN_ST, str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
-    assert "convert" in err and "100%" in err
+    mb = f"{_total_bytes(GOLDEN_ST) / 1e6:.1f}M"  # decimal units, as the summary's GB (not MiB: 18.9M)
+    assert "convert: 100%" in err and f" {mb}/{mb} " in err, err
     assert main(["convert", GOLDEN_ST, str(tmp_path / "b"), "--quiet"]) == 0
     assert capsys.readouterr().err == ""
 
@@ -66,7 +72,14 @@ def test_script_is_the_same_command(tmp_path):
     ok = subprocess.run([sys.executable, script, GOLDEN_ST, str(tmp_path / "ms"), "--format", "safetensors"],
                         capture_output=True, text=True, cwd=str(tmp_path))
     assert ok.returncode == 0, ok.stderr
-    assert SUMMARY.search(ok.stdout) and ok.stderr == ""  # not a terminal: no progress bar
+    assert SUMMARY.search(ok.stdout)
+    # not a terminal (a log under nohup): plain progress lines at each 10 %, in GB as the summary
+    lines = ok.stderr.splitlines()
+    total = f"{_total_bytes(GOLDEN_ST) / 1e9:.2f}"
+    assert len(lines) == 10 and "\r" not in ok.stderr, ok.stderr
+    steps = [re.fullmatch(rf"convert: (\d+)% \((\d\.\d\d) of {total} GB, \d+ s\)", line) for line in lines]
+    assert all(steps), lines
+    assert [int(m.group(1)) // 10 for m in steps] == list(range(1, 11)) and lines[-1].startswith("convert: 100% ")
     again = subprocess.run([sys.executable, script, GOLDEN_ST, str(tmp_path / "ms")], capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
 
@@ -80,3 +93,22 @@ def test_sigterm_becomes_keyboard_interrupt():
             for _ in range(100):  # the handler runs at the next bytecode boundary
                 time.sleep(0.01)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_progress_lines_also_every_30_seconds(monkeypatch, capsys):
+    """A slow stretch below the next 10 % still shows the run is alive (a log under nohup)."""
+    from ms_xcomposer.commands import convert as command
+
+    clock = [100.0]
+    monkeypatch.setattr(command.time, "monotonic", lambda: clock[0])
+    lines = command._ProgressLines("convert")
+    total = 10**10
+    lines(10**8, total)  # 1 %, at once: nothing yet
+    clock[0] += 29.0
+    lines(10**8, total)
+    assert capsys.readouterr().err == ""
+    clock[0] += 1.0
+    lines(10**8, total)
+    assert capsys.readouterr().err == "convert: 3% (0.30 of 10.00 GB, 30 s)\n"
+    lines(7 * 10**8, total)
+    assert capsys.readouterr().err == "convert: 10% (1.00 of 10.00 GB, 30 s)\n"

@@ -12,7 +12,8 @@ EXAMPLES = """examples:
 
 Tensors are matched by MindSpore parameter name. Same dtype: bit-identical; a cast conversion
 (convert --dtype) must equal the same cast of the source. RoPE buffers and task adapters dropped by
-`convert --task-lora drop` are skipped. Exit 0 if everything matches, 1 otherwise.
+`convert --task-lora drop` are skipped. Exit 0 if everything matches, 1 otherwise; 2 if a file cannot be read,
+e.g. a converted directory's config.json is unreadable or does not describe its tensors.
 """
 _SHOW = 20  # problems printed per category
 
@@ -44,5 +45,5 @@ def register(subparsers) -> None:
     parser.add_argument("first", metavar="HF_DIR", help="the source checkpoint (HF or converted directory)")
     parser.add_argument("second", metavar="MS_DIR", help="the checkpoint to check against it")
     parser.add_argument("--verbose", action="store_true", help="also list skipped tensors")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)

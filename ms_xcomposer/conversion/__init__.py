@@ -7,8 +7,9 @@
 
 The converted directory layout is documented in `layout`.
 """
-from ms_xcomposer.conversion.errors import CheckpointError, DestinationExistsError, UnsafePickleError
+from ms_xcomposer.conversion.errors import (CheckpointError, DestinationExistsError, UnsafeDestinationError,
+                                            UnsafePickleError)
 from ms_xcomposer.conversion.readers import CheckpointReader, open_checkpoint, to_mindspore_tensor
 
-__all__ = ["CheckpointError", "DestinationExistsError", "UnsafePickleError", "CheckpointReader", "open_checkpoint",
-           "to_mindspore_tensor"]
+__all__ = ["CheckpointError", "DestinationExistsError", "UnsafeDestinationError", "UnsafePickleError",
+           "CheckpointReader", "open_checkpoint", "to_mindspore_tensor"]

@@ -7,7 +7,6 @@ The converted directory layout is described in `ms_xcomposer.conversion.layout`.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import resource
 import time
@@ -17,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ms_xcomposer import __version__
+from ms_xcomposer.config import ConfigError
 from ms_xcomposer.conversion import keymap, layout
 from ms_xcomposer.conversion.errors import CheckpointError
 from ms_xcomposer.conversion.pipeline import FLOAT_DTYPES, Job, cast, interleave, stream
@@ -28,6 +28,7 @@ DTYPE_CHOICES = ("keep", "float32", "float16", "bfloat16")
 FORMAT_CHOICES = ("ckpt", "safetensors")
 DEFAULT_SHARD_SIZE = "5GB"
 Progress = Optional[Callable[[int, int], None]]  # (bytes just done, total bytes)
+Warn = Optional[Callable[[str], None]]  # told each warning as it arises (they are also in the result)
 _LIST_MAX = 50  # names listed in one error message
 
 
@@ -139,13 +140,20 @@ def _report(direction: str, reader: CheckpointReader, dst_format: str, options: 
 def _run(reader: CheckpointReader, dst: str, jobs: List[Job], fmt: str, stem: str, index_name: str,
          shard_size: Union[int, str], st_metadata: Dict[str, str], config_json: dict, report_args: dict,
          index_metadata: Dict[str, object], overwrite: bool, check_finite: bool, check_crc: bool,
-         progress: Progress, direction: str) -> ConversionResult:
+         progress: Progress, warn: Warn, direction: str) -> ConversionResult:
     start = time.perf_counter()
     max_bytes = _shard_bytes(shard_size)
     src_dir = os.path.dirname(reader.config_path)  # the directory, also when `reader.path` is one file
     side_files = [n for n in layout.TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, n))]
     jobs = interleave(jobs, reader)
-    with AtomicDirectory(dst, overwrite=overwrite, protect=[src_dir]) as out:
+    warnings: List[str] = []
+
+    def note(message: str) -> None:
+        warnings.append(message)
+        if warn is not None:
+            warn(message)
+
+    with AtomicDirectory(dst, overwrite=overwrite, protect=[src_dir], warn=note) as out:
         shards = ShardSet(out.tmp, stem, fmt, [j.spec for j in jobs], max_bytes, st_metadata)
         try:
             stats = stream(reader, jobs, shards, _source_files(reader, side_files), check_finite=check_finite,
@@ -163,7 +171,8 @@ def _run(reader: CheckpointReader, dst: str, jobs: List[Job], fmt: str, stem: st
         write_json(os.path.join(out.tmp, layout.REPORT),
                    _report(direction, reader, fmt, hashes=hashes, jobs=jobs, weight_map=written.weight_map,
                            shards=written.shards, copied=copied, **report_args))
-    warnings = [] if "tokenizer.model" in copied else [f"{reader.path} has no tokenizer.model: none copied"]
+    if "tokenizer.model" not in copied:
+        note(f"{reader.path} has no tokenizer.model: none copied, so {dst} cannot chat until one is added")
     return ConversionResult(
         source=reader.path, destination=os.path.abspath(dst), tensors=stats.tensors, bytes_read=stats.bytes_read,
         bytes_written=stats.bytes_written, seconds=time.perf_counter() - start, peak_rss=_peak_rss(),
@@ -173,17 +182,20 @@ def _run(reader: CheckpointReader, dst: str, jobs: List[Job], fmt: str, stem: st
 
 def convert(src: str, dst: str, *, dtype: str = "keep", fmt: str = "ckpt",
             shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, task_lora: str = "keep", keep_unknown: bool = False,
-            check_finite: bool = False, check_crc: bool = False, overwrite: bool = False,
-            progress: Progress = None) -> ConversionResult:
+            check_finite: bool = False, check_crc: bool = True, allow_missing_tokenizer: bool = False,
+            overwrite: bool = False, progress: Progress = None, warn: Warn = None) -> ConversionResult:
     """Convert an HF directory (safetensors or `.bin`) of a registered model family to a MindSpore checkpoint
     directory (the family, from config.json's `architectures`, is recorded in the output's config.json).
 
     dtype: "keep" (bit-exact) or a float dtype (cast via fp32, rounded once, nearest-even); fmt: "ckpt" or
     "safetensors"; shard_size: bytes or a size string ("5GB"); task_lora: "keep" or "drop" the 2.5 task
     adapters; keep_unknown: keep tensors the key table does not know (default: refuse); check_finite: refuse
-    inf/nan values; check_crc: verify the CRC-32 of every `.bin` storage (torch.load does not; the report's
-    sha256 of each source file is there to compare with the publisher's). Everything is validated (index,
-    shards, keys, shapes) before the output is created.
+    inf/nan values; check_crc: verify the CRC-32 of every `.bin` storage (default; torch.load does not; the
+    report's sha256 of each source file is there to compare with the publisher's); allow_missing_tokenizer:
+    convert a source without tokenizer.model (default: refuse, the output could not chat). Everything is
+    validated (index, shards, keys, shapes, tokenizer, destination) before the output is created.
+    overwrite: replace `dst` if it is empty or was written by this tool (see `destination`). `warn` is told
+    each warning as it arises (also listed in the result).
     """
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype {dtype!r} not supported; expected one of {', '.join(DTYPE_CHOICES)}")
@@ -199,6 +211,11 @@ def convert(src: str, dst: str, *, dtype: str = "keep", fmt: str = "ckpt",
         plan = keymap.plan_hf_to_ms(reader.shapes(), family.parameter_shapes(config), family.keys,
                                     keep_task_adapters=task_lora == "keep", keep_unknown=keep_unknown)
         _check_plan(reader, plan)
+        src_dir = os.path.dirname(reader.config_path)
+        if not allow_missing_tokenizer and not os.path.isfile(os.path.join(src_dir, "tokenizer.model")):
+            raise CheckpointError(f"{src_dir} has no tokenizer.model, so the converted directory could not chat: "
+                                  "add the tokenizer files, or pass --allow-missing-tokenizer to convert the "
+                                  "weights alone")
         if task_lora == "drop":
             config = family.without_optional(config)
         jobs = []
@@ -223,11 +240,12 @@ def convert(src: str, dst: str, *, dtype: str = "keep", fmt: str = "ckpt",
         return _run(reader, dst, jobs, fmt, layout.MS_SHARD_STEM, layout.MS_INDEX, shard_size,
                     {"format": "ms"}, {**hf_fields, layout.MS_SECTION: {"family": family.name, **config.to_dict()}},
                     report_args, {"format": fmt, "family": family.name}, overwrite, check_finite, check_crc, progress,
+                    warn,
                     "hf_to_ms")
 
 
 def export_hf(src: str, dst: str, *, shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, overwrite: bool = False,
-              progress: Progress = None) -> ConversionResult:
+              progress: Progress = None, warn: Warn = None) -> ConversionResult:
     """Write a converted MindSpore directory back as an HF directory: safetensors shards with HF names,
     `model.safetensors.index.json`, config.json (HF fields only), tokenizer files. Tensors keep their bits."""
     with open_checkpoint(src) as reader:
@@ -252,7 +270,8 @@ def export_hf(src: str, dst: str, *, shard_size: Union[int, str] = DEFAULT_SHARD
         report_args = {"options": {"shard_size": shard_size}, "dropped": [], "renamed": renamed,
                        "kept_unknown": unknown}
         return _run(reader, dst, jobs, "safetensors", layout.HF_ST_STEM, layout.HF_ST_INDEX, shard_size,
-                    {"format": "pt"}, hf_fields, report_args, {}, overwrite, False, False, progress, "ms_to_hf")
+                    {"format": "pt"}, hf_fields, report_args, {}, overwrite, False, False, progress, warn,
+                    "ms_to_hf")
 
 
 # ---- verify ------------------------------------------------------------------------------------------------
@@ -326,15 +345,41 @@ def _compare(a: CheckpointReader, ka: str, ta: _ToMs, b: CheckpointReader, kb: s
     return detail
 
 
+def check_stored_config(reader: CheckpointReader) -> None:
+    """Raise `ConfigError` naming config.json when a converted directory's stored config is unreadable or does
+    not describe its tensors (names and shapes; tensors the report lists as kept-unknown aside)."""
+    family, config = reader.family, reader.config
+    expected = family.parameter_shapes(config)
+    kept = set(reader.kept_unknown)
+    shapes = {k: tuple(v) for k, v in reader.shapes().items() if k not in kept}
+    problems = []
+    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing:
+        problems.append(f"{len(missing)} of its parameters are not in the checkpoint: {_names(missing[:8])}")
+    if extra:
+        problems.append(f"{len(extra)} tensors are not parameters of it: {_names(extra[:8])}")
+    wrong = [f"{k} {list(shapes[k])} (config: {list(expected[k])})" for k in sorted(set(shapes) & set(expected))
+             if shapes[k] != tuple(expected[k])]
+    if wrong:
+        problems.append(f"{len(wrong)} shapes differ: {_names(wrong[:8])}")
+    if problems:
+        raise ConfigError(f"{reader.config_path} does not describe the tensors of {reader.path} "
+                          f"({family.name}, {config.llm.num_hidden_layers} decoder layers): " + "; ".join(problems))
+
+
 def verify(first: str, second: str, progress: Progress = None) -> VerifyResult:
     """Compare every tensor of two checkpoints (HF or converted dirs), matched by MindSpore name.
 
     Equal dtypes must be bit-identical; when the second was cast (convert --dtype), its values must equal
     the same cast of the first. Buffers the key table drops are skipped, and so are task adapters when the
     converted side's config says they were dropped. `ok` is false on any difference, missing or extra tensor.
+    A converted side whose config.json is unreadable or does not describe its tensors raises `ConfigError`.
     """
     start = time.perf_counter()
     with open_checkpoint(first) as a, open_checkpoint(second) as b:
+        for reader in (a, b):
+            if reader.kind == "ms":
+                check_stored_config(reader)
         result = VerifyResult(a.path, b.path)
         total = sum(a.nbytes(k) for k in a.keys())
         names_a = _by_ms_name(a, result.skipped)

@@ -15,3 +15,8 @@ class UnsafePickleError(CheckpointError):
 
 class DestinationExistsError(CheckpointError):
     """The output directory exists and `overwrite` was not requested."""
+
+
+class UnsafeDestinationError(CheckpointError):
+    """The output directory may not be written: `/`, the home or current directory, or (with `overwrite`) a
+    directory this tool did not write."""

@@ -38,6 +38,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import ml_dtypes
 import numpy as np
 
+from ms_xcomposer.config import ConfigError
 from ms_xcomposer.conversion import layout
 from ms_xcomposer.conversion.errors import CheckpointError, UnsafePickleError
 
@@ -747,15 +748,32 @@ class CheckpointReader:
             if self.kind == "ms":
                 self._config = self.family.config_from_section(self._ms_section(), self.config_path)
             else:
-                self._config = self.family.config_from_hf(self.hf_config, self.shapes())
+                try:
+                    self._config = self.family.config_from_hf(self.hf_config, self.shapes())
+                except ConfigError:
+                    raise
+                except (KeyError, TypeError, ValueError) as e:  # a config.json field of the wrong type
+                    raise ConfigError(f"{self.config_path}: {type(e).__name__}: {e}") from None
         return self._config
 
     def _ms_section(self) -> Dict[str, object]:
         d = _read_json(self.config_path, "config")
-        if layout.MS_SECTION not in d:
-            raise CheckpointError(f"{self.config_path} has no {layout.MS_SECTION!r} section: is "
-                                  f"{os.path.dirname(self.config_path)} a converted directory?")
+        if not isinstance(d.get(layout.MS_SECTION), dict):
+            raise ConfigError(f"{self.config_path} has no {layout.MS_SECTION!r} section: is "
+                              f"{os.path.dirname(self.config_path)} a converted directory?")
         return d[layout.MS_SECTION]
+
+    @property
+    def kept_unknown(self) -> List[str]:
+        """Tensors a converted directory's conversion report lists as kept unknown (`convert --keep-unknown`):
+        not parameters of the model, so loaders skip them. Empty for other checkpoints."""
+        report = os.path.join(os.path.dirname(self.config_path), layout.REPORT)
+        if self.kind != "ms" or not os.path.isfile(report):
+            return []
+        names = _read_json(report, "conversion report").get("unknown_kept", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"conversion report {report}: 'unknown_kept' is not a list of tensor names")
+        return names
 
     def close(self) -> None:
         for s in self._shards:

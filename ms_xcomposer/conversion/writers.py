@@ -24,12 +24,12 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ms_xcomposer.conversion import layout
-from ms_xcomposer.conversion.errors import CheckpointError, DestinationExistsError
+from ms_xcomposer.conversion import destination, layout
+from ms_xcomposer.conversion.errors import CheckpointError
 from ms_xcomposer.conversion.readers import SAFETENSORS_DTYPES, CKPT_TYPES, numpy_dtype
 
 CKPT_SLICE_BYTES = 512 << 20  # MindSpore's SLICE_SIZE: one protobuf bytes field stays far below 2 GiB
@@ -328,17 +328,27 @@ class AtomicDirectory:
 
     Use as a context manager: files go to `.tmp`; a normal exit renames it to `dst` (replacing an existing
     `dst` only when `overwrite`), an exception or interrupt removes it, leaving `dst` absent or intact.
+    Before anything is written, `dst` is checked (`destination.check_location`, `check_replaceable` with
+    `markers`: the files that show this tool wrote a directory) and the leftovers of killed writers of `dst`
+    are removed (`destination.clean_stale`; each message goes to `warn` at once and stays in `warnings`).
+    The temporary names record this process (see `destination`), so a later run can clean up after a SIGKILL.
     """
 
-    def __init__(self, dst: str, overwrite: bool = False, protect: Sequence[str] = ()) -> None:
+    def __init__(self, dst: str, overwrite: bool = False, protect: Sequence[str] = (),
+                 markers: Sequence[str] = destination.OUTPUT_MARKERS,
+                 warn: Optional[Callable[[str], None]] = None) -> None:
         self.dst = os.path.abspath(dst)
-        if os.path.lexists(self.dst) and not overwrite:
-            raise DestinationExistsError(f"destination {self.dst} already exists; pass --overwrite to replace it")
+        destination.check_location(dst)
         for p in protect:
             p = os.path.realpath(p)
             d = os.path.realpath(self.dst)
             if d == p or p.startswith(d + os.sep) or d.startswith(p + os.sep):
                 raise CheckpointError(f"destination {self.dst} overlaps the source {p}; choose another directory")
+        self.warnings: List[str] = destination.clean_stale(self.dst)
+        for message in self.warnings:
+            if warn is not None:
+                warn(message)  # now: the checks below may refuse the destination
+        destination.check_replaceable(self.dst, overwrite, markers)
         parent = os.path.dirname(self.dst)
         self._made: List[str] = []  # parent directories this run creates, deepest first
         d = parent
@@ -346,7 +356,7 @@ class AtomicDirectory:
             self._made.append(d)
             d = os.path.dirname(d)
         os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.dst)}.tmp-", dir=parent)
+        self.tmp = tempfile.mkdtemp(prefix=destination.temp_prefix(self.dst, "tmp"), dir=parent)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
@@ -369,8 +379,8 @@ class AtomicDirectory:
         if not os.path.lexists(self.dst):
             os.rename(self.tmp, self.dst)
             return
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.dst)}.old-", dir=os.path.dirname(self.dst))
-        aside = os.path.join(old, "previous")
+        old = tempfile.mkdtemp(prefix=destination.temp_prefix(self.dst, "old"), dir=os.path.dirname(self.dst))
+        aside = os.path.join(old, destination.ASIDE)
         os.rename(self.dst, aside)
         try:
             os.rename(self.tmp, self.dst)

@@ -220,7 +220,7 @@ class XComposerConfig:
         try:
             return cls.from_dict({k: v for k, v in section.items() if k != "family"})
         except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"{path}: the 'ms_xcomposer' section is not a valid XComposer2 config: {e!r}") from None
+            raise ConfigError(f"{path}: malformed 'ms_xcomposer' section: {type(e).__name__}: {e}") from None
 
 
 def infer_vision_config(shapes: Mapping[str, Sequence[int]]) -> VisionConfig:
