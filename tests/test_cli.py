@@ -291,7 +291,7 @@ def test_interactive_session_over_stdin_in_graph_mode(converted, library):
                                            f"assistant> {a3}\n")]
     assert positions == sorted(positions)
     assert stdout.startswith("you> commands: /image PATH")
-    assert "error: image file '/no/such.png' not found" in out.stderr
+    assert "error: image /no/such.png does not exist" in out.stderr
     assert "error: unknown command '/frob'" in out.stderr
     assert "graph mode" in out.stderr
     assert "Traceback" not in out.stderr and "[WARNING]" not in out.stderr  # GLOG_v=3 keeps MindSpore quiet

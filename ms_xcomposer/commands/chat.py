@@ -7,12 +7,13 @@ Ctrl-C while an answer is streaming stops that answer; at the prompt it quits (e
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
 from ms_xcomposer.cli import EXIT_OK
+from ms_xcomposer.commands.chat_preflight import ChatPlan, check_image_path, preflight, turn_pixels
+from ms_xcomposer.processing import MAX_IMAGE_PIXELS
 from ms_xcomposer.prompt import IMAGE_PLACEHOLDER
 
 EXAMPLES = """examples:
@@ -90,24 +91,16 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default: the device's; CPU: float32, GPU/Ascend: bfloat16)")
 
 
-def generation_kwargs(args: argparse.Namespace) -> dict:
-    """The decoding options of `ms_xcomposer.chat.chat`, checked now (before the model is loaded)."""
-    from ms_xcomposer.generation import GenerationConfig
-
-    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
-                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  repetition_penalty=args.repetition_penalty, seed=args.seed)
-    GenerationConfig(**kwargs)  # raises ValueError naming a bad value
-    return kwargs
-
-
-def load_model(model_dir: str, device: str, mode: str, dtype: Optional[str]):
-    """(model, tokenizer) from MODEL_DIR after selecting the device and mode; prints one line to stderr."""
+def load_model(model_dir: str, device: str, mode: str, dtype: Optional[str], weights_bytes: int = 0):
+    """(model, tokenizer) from MODEL_DIR after selecting the device and mode; prints a line to stderr before
+    loading (it can take a minute on a 7B) and one after."""
     from ms_xcomposer import runtime
     from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
     from ms_xcomposer.tokenizer import InternLM2Tokenizer
 
     runtime.setup(device, mode)
+    size = f" ({weights_bytes / 1e9:.2f} GB of weights)" if weights_bytes else ""
+    print(f"loading {model_dir}{size} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     tokenizer = InternLM2Tokenizer.from_pretrained(model_dir)
     model = XComposer2ForCausalLM.from_pretrained(model_dir, compute_dtype=dtype)
@@ -117,13 +110,14 @@ def load_model(model_dir: str, device: str, mode: str, dtype: Optional[str]):
     return model, tokenizer
 
 
-def _answer(model, tokenizer, query: str, images, history, hd_num, use_meta: bool, gen: dict):
-    """Stream one answer to stdout and return its ChatResult; Ctrl-C stops the generation and propagates."""
+def _answer(model, tokenizer, query: str, images, history, hd_num, prompt: dict, gen: dict):
+    """Stream one answer to stdout and return its ChatResult; Ctrl-C stops the generation and propagates.
+
+    images: normalised pixels (preprocessed by the preflight helpers) or None."""
     from ms_xcomposer.chat import stream_chat
 
     start = time.perf_counter()
-    stream = stream_chat(model, tokenizer, query, image=images, hd_num=hd_num, history=history, use_meta=use_meta,
-                         **gen)
+    stream = stream_chat(model, tokenizer, query, image=images, hd_num=hd_num, history=history, **prompt, **gen)
     with stream:
         for piece in stream:
             sys.stdout.write(piece)
@@ -135,9 +129,7 @@ def _answer(model, tokenizer, query: str, images, history, hd_num, use_meta: boo
     return stream.result
 
 
-def _interactive(model, tokenizer, args: argparse.Namespace, gen: dict) -> int:
-    from ms_xcomposer.processing import VIDEO_EXTENSIONS, load_image
-
+def _interactive(model, tokenizer, args: argparse.Namespace, plan: ChatPlan) -> int:
     session = Session(model.config.spec.auto_image_placeholder)
     session.pending = list(args.image or [])
     print(f"interactive chat with {model.config.variant}. {SESSION_HELP}", file=sys.stderr)
@@ -160,10 +152,7 @@ def _interactive(model, tokenizer, args: argparse.Namespace, gen: dict) -> int:
             elif command == "/image":
                 path = rest.strip()
                 try:  # refuse unreadable files now, not in the middle of the next turn
-                    if not path.lower().endswith(VIDEO_EXTENSIONS):
-                        load_image(path)
-                    elif not os.path.isfile(path):
-                        raise FileNotFoundError(f"video file {path!r} not found")
+                    check_image_path(path, plan.config, args.max_pixels)
                 except (ValueError, OSError) as e:
                     print(f"error: {e}", file=sys.stderr)
                     continue
@@ -174,15 +163,19 @@ def _interactive(model, tokenizer, args: argparse.Namespace, gen: dict) -> int:
             else:
                 print(f"error: unknown command {command!r}; {SESSION_HELP}", file=sys.stderr)
             continue
-        query, images, history = session.turn(line)
+        query, paths, history = session.turn(line)
         sys.stdout.write("assistant> ")
         sys.stdout.flush()
         try:
-            result = _answer(model, tokenizer, query, images, history, args.hd_num, args.use_meta, gen)
+            images = None
+            if paths:
+                images = turn_pixels([check_image_path(p, plan.config, args.max_pixels) for p in paths],
+                                     plan.config, args.hd_num, args.max_pixels)
+            result = _answer(model, tokenizer, query, images, history, args.hd_num, plan.prompt, plan.generation)
         except KeyboardInterrupt:
             print("\n[stopped]")
             continue
-        except ValueError as e:  # prompt or image problems: the session goes on
+        except (ValueError, OSError) as e:  # prompt or image problems: the session goes on
             print()
             print(f"error: {e}", file=sys.stderr)
             continue
@@ -190,16 +183,11 @@ def _interactive(model, tokenizer, args: argparse.Namespace, gen: dict) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.isdir(args.model_dir):
-        raise FileNotFoundError(f"model directory {args.model_dir} does not exist")
-    for path in args.image or ():
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image {path} does not exist")
-    gen = generation_kwargs(args)
-    model, tokenizer = load_model(args.model_dir, args.device, args.mode, args.dtype)
+    plan = preflight(args)  # every input checked before the weights are read
+    model, tokenizer = load_model(args.model_dir, args.device, args.mode, args.dtype, plan.estimate.weights)
     if args.query is None:
-        return _interactive(model, tokenizer, args, gen)
-    _answer(model, tokenizer, args.query, args.image or None, (), args.hd_num, args.use_meta, gen)
+        return _interactive(model, tokenizer, args, plan)
+    _answer(model, tokenizer, args.query, plan.images, (), args.hd_num, plan.prompt, plan.generation)
     return EXIT_OK
 
 
@@ -219,14 +207,24 @@ def register(subparsers) -> None:
                              "IXC-2.5 uses 6 with several images)")
     parser.add_argument("--use-meta", action="store_true",
                         help="IXC-2.5: send the default system prompt (IXC2-VL / 4KHD always send it)")
-    gen = parser.add_argument_group("decoding")
+    parser.add_argument("--meta-instruction", metavar="TEXT",
+                        help="the system prompt to send instead of the default (implies --use-meta; '' sends none)")
+    parser.add_argument("--infer-mode", choices=("base", "web", "write"), default="base",
+                        help="IXC-2.5 task adapters: base (default), web (lora_web) or write (lora_sft + lora_dpo)")
+    parser.add_argument("--max-pixels", type=positive_int, default=MAX_IMAGE_PIXELS, metavar="N",
+                        help=f"largest image accepted, in pixels (default: {MAX_IMAGE_PIXELS:,}, PIL's "
+                             "decompression-bomb threshold; PIL refuses more than twice that in any case)")
+    parser.add_argument("--force", action="store_true",
+                        help="go on when the request is estimated to need more memory than is available")
+    gen = parser.add_argument_group("decoding (default: greedy)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=1024, metavar="N",
-                     help="most new tokens per answer (default: 1024)")
+                     help="most new tokens per answer (default: 1024; at most the model's context length)")
     gen.add_argument("--num-beams", type=positive_int, default=1, metavar="N", help="beam search width (default: 1)")
-    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    gen.add_argument("--top-p", type=float, default=0.8, help="sampling nucleus (default: 0.8)")
-    gen.add_argument("--top-k", type=int, help="sampling top-k (default: 50 when sampling)")
+    gen.add_argument("--do-sample", action="store_true",
+                     help="sample instead of greedy decoding (with --num-beams: beam sampling)")
+    gen.add_argument("--temperature", type=float, help="sampling temperature (default: 1.0; needs --do-sample)")
+    gen.add_argument("--top-p", type=float, help="sampling nucleus (default: 0.8; needs --do-sample)")
+    gen.add_argument("--top-k", type=int, help="sampling top-k (default: 50; needs --do-sample)")
     gen.add_argument("--seed", type=int, help="random seed of sampling")
     gen.add_argument("--repetition-penalty", type=float, default=1.005,
                      help="repetition penalty (default: 1.005, the official chat's; 1.0 disables it)")
