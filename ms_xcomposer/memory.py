@@ -25,7 +25,8 @@ The formula follows the code as it is (bytes; B = batch, S = prompt rows, C = KV
 The two copy factors were measured on this CPU (MindSpore 2.10, tiny IXC-2.5, PyNative and GRAPH, peak RSS of
 one call above the RSS before it): the attention at S = 2048 and 4096 took 4.2 (PyNative) to 6.3 (GRAPH,
 S = 2048) score-sized copies; the vision tower 2 to 3 (5 and 9 views). Issue 10 measured 3.4 to 5 copies at
-full width. `tests/test_memory.py` checks the estimate against a measured peak RSS.
+full width. `tests/test_memory.py` checks the estimate against a measured peak RSS (within a factor of 1.5;
+PyNative measures below the estimate, GRAPH above it).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from ms_xcomposer.cache import round_capacity
 from ms_xcomposer.config import XComposerConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-ATTENTION_COPIES = 5  # float32 [heads, S, C] tensors alive at the attention's peak (measured 4.2-6.3, above)
+ATTENTION_COPIES = 4.5  # float32 [heads, S, C] tensors alive at the attention's peak (4.2 PyNative, up to 6.3 GRAPH)
 VIT_ATTENTION_COPIES = 3  # float32 [views, heads, T, T] tensors alive at the vision attention's peak (2-3)
 LOADING_PEAK_RATIO = 1.6  # peak RSS while loading / weight bytes (issue 10: 6.7 GB for 4.09 GB of bf16)
 # RSS of a CPU process with MindSpore imported and a tiny model loaded (0.54-0.59 GB measured): what the
@@ -137,7 +138,7 @@ def estimate(config: XComposerConfig, *, prompt_rows: int, max_new_tokens: int, 
 
 def _llm_prefill_bytes(config: XComposerConfig, batch: int, rows: int, capacity: int, c: int) -> int:
     llm = config.llm
-    scores = ATTENTION_COPIES * batch * llm.num_attention_heads * rows * capacity * 4
+    scores = int(ATTENTION_COPIES * batch * llm.num_attention_heads * rows * capacity * 4)
     layer = batch * rows * (3 * llm.intermediate_size + llm.qkv_out + 4 * llm.hidden_size) * c
     embeds = batch * rows * llm.hidden_size * c
     return scores + layer + embeds + batch * llm.vocab_size * 4

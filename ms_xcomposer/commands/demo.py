@@ -113,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
     print("[5/5] GRAPH chat, the same question, then a follow-up (a longer prompt: the history):", flush=True)
     runtime.setup("CPU", "graph")  # the same model: its compiled pieces are built on their first GRAPH call
+    print("      compiling the graphs (vision encoder, token embedding, language model step): a few seconds ...",
+          flush=True)
     try:
         graph = demo.timed_chat(model, tokenizer, QUERY, [demo.IMAGE], args.hd_num, args.max_new_tokens)
         follow = demo.timed_chat(model, tokenizer, FOLLOW_UP, [demo.IMAGE], args.hd_num, args.max_new_tokens,
