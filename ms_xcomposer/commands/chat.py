@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   ms-xcomposer chat ./ixc25-ms --image a.jpg --image b.jpg --query "Image1 <ImageHere>; Image2 <ImageHere>; Compare them."
   ms-xcomposer chat ./ixc25-ms --image photo.jpg --do-sample --temperature 0.8 --top-p 0.8 --seed 0
   ms-xcomposer chat ./ixc25-ms --num-beams 3 --use-meta --query "Write a poem about the sea."
+  ms-xcomposer chat ./ixc25-ms --infer-mode write --meta-instruction "You are a poet." --query "A poem, please."
   ms-xcomposer chat ./ixc25-ms --mode graph            # interactive session; the first answer compiles the graphs
   ms-xcomposer chat ./ixc25-ms --device Ascend --dtype bfloat16 --image photo.jpg   # never run by the developers
 
@@ -30,8 +31,10 @@ Without --query an interactive session starts; --image files are attached to its
                 image goes at the start of the message unless the message has its own <ImageHere> marks)
   /reset        forget the conversation and its images
   /exit         quit (also Ctrl-D); Ctrl-C stops the answer being streamed
-Decoding defaults: greedy, repetition penalty 1.005 (the official chat's); --do-sample samples with top-p 0.8.
-The answer goes to stdout; loading and timing lines go to stderr.
+Decoding defaults: greedy, repetition penalty 1.005 (the official chat's); --do-sample samples with top-p 0.8
+(the library's chat samples by default). Every input is checked before the model is loaded, including the memory
+the request needs (refused above the available memory unless --force; see `ms-xcomposer info DIR --estimate`).
+The answer goes to stdout; loading, memory and timing lines go to stderr.
 """
 SESSION_HELP = ("commands: /image PATH (attach an image to the next message), /reset (new conversation), "
                 "/exit (quit; also Ctrl-D), /help")
