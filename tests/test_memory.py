@@ -53,10 +53,12 @@ def photo(tmp_path_factory):
 
 @pytest.mark.parametrize("mode, hd, grid", [("pynative", 4, (2, 2)), ("pynative", 12, (3, 4)), ("graph", 12, (3, 4))])
 def test_estimate_is_within_a_factor_of_the_measured_peak(converted, photo, mode, hd, grid):
-    """One chat per fresh process (a second call in the same process reuses the first one's pools). Measured
-    ratios (measured / estimated) on this CPU: PyNative 0.70-0.77 (hd 4; once below 0.67, with other jobs on the machine) and
-    0.84-1.03 (hd 12), GRAPH 1.0-1.26 (hd 12). PyNative reuses the warm-up's pooled memory for a small prompt,
-    so fewer score-sized copies are fresh; GRAPH holds more copies and compiles the new tile grid's graph."""
+    """One chat per fresh process (a second call in the same process reuses the first one's pools).
+
+    Measured / estimated on this CPU: PyNative 0.70-0.77 (hd 4; once below 0.67, with other jobs on the
+    machine) and 0.84-1.03 (hd 12), GRAPH 1.0-1.26 (hd 12). PyNative reuses the warm-up's pooled memory for a
+    small prompt, so fewer score-sized copies are fresh; GRAPH holds more copies and compiles the new tile
+    grid's graph in the measured call."""
     env = {k: v for k, v in os.environ.items() if k != "GLOG_v"}
     run = subprocess.run([sys.executable, "-c", MEASURE, converted, photo, mode, str(hd)], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=600)
