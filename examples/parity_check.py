@@ -6,7 +6,8 @@
 
 The PyTorch side is the project's reference model (ms_xcomposer.reference) loaded from HF_DIR; the MindSpore
 side is MS_DIR (default: HF_DIR itself, read directly). Needs torch and transformers
-(`pip install 'ms-xcomposer[parity]'`). Exit status 0 when every stage is within tolerance, 1 otherwise.
+(`pip install 'ms-xcomposer[parity]'`). Exit status 0 when every stage is within tolerance, 1 otherwise, 2 on bad
+input (a missing file, torch not installed: one line on stderr).
 `ms-xcomposer parity` is the same check as a command; this script shows the library calls.
 """
 from __future__ import annotations
@@ -35,8 +36,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ms_xcomposer.parity import run_parity
 
     runtime.setup("CPU", args.mode)
-    report = run_parity(args.hf_dir, args.ms_dir, args.image, args.query, hd_num=args.hd_num, steps=args.steps,
-                        force_reference=True)
+    try:
+        report = run_parity(args.hf_dir, args.ms_dir, args.image, args.query, hd_num=args.hd_num,
+                            steps=args.steps, force_reference=True)
+    except (ValueError, OSError) as e:  # bad input, or torch missing: the library's message says what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(report.format_table())
     if args.json:
         report.write_json(args.json)

@@ -30,8 +30,19 @@ EXIT_CODES = """exit codes:
 """
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`error: MESSAGE; see `PROG --help``) instead of the usage block.
+
+    Subcommand parsers are made with the same class (argparse's default `parser_class`)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from ms_xcomposer import __version__
+
+    parser = ArgumentParser(
         prog="ms-xcomposer",
         description="InternLM-XComposer2 (IXC2-VL, IXC2-4KHD, IXC-2.5) on MindSpore.\n"
                     "Run `ms-xcomposer COMMAND --help` for a command's options and examples.",
@@ -43,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  ms-xcomposer chat ./ixc25-ms --image photo.jpg --query 'Describe this image.'\n\n" + EXIT_CODES,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:

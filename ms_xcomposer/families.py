@@ -58,6 +58,9 @@ class Family:
     components: Tuple[str, ...] = ("weights", "buffers (not weights)", "unknown")
     component_of: Optional[Callable[[str], str]] = None
     describe: Callable[[Any], List[str]] = lambda config: []
+    # `chat`'s checks of a request before loading (images, prompt, memory): "module:Class" built as
+    # cls(model_dir, config, options); None: the command checks only that image files exist.
+    request_check: Optional[str] = None
 
     def component(self, name: str) -> str:
         """The `info` component of tensor `name` (one of `components`)."""
@@ -71,6 +74,9 @@ class Family:
 
     def processor_class(self) -> type:
         return _resolve(self.processor)
+
+    def request_check_class(self) -> type:
+        return _resolve(self.request_check)
 
     def parameter_shapes(self, config) -> Dict[str, Tuple[int, ...]]:
         """Every parameter of the model `config` describes, by name, with its shape, read off the family's Cells

@@ -8,7 +8,11 @@ the per-token logits processing runs on the host in numpy float32, mirroring tra
 - greedy: argmax; sampling: a draw from softmax (numpy Generator seeded by `seed`);
 - beam search (`num_beams` > 1): log-softmax, processors, accumulated scores, top (1 + n_eos) * num_beams
   candidates, finished hypotheses scored by sum_logprobs / generated_len ** length_penalty, HF's
-  early-stop heuristic (early_stopping=False).
+  early-stop heuristic (early_stopping=False). With `do_sample` (HF's beam sampling) the candidates are drawn
+  without replacement from the softmax of the accumulated scores, as `torch.multinomial` does; when fewer
+  entries than candidates have a non-zero probability, the rest are filled, as torch fills them, with
+  zero-probability entries (here: the best-scored of them, so a dead candidate never outranks a live one).
+Logits that hold NaN or Inf raise `NonFiniteError` naming the first stage that produced them.
 Decode steps carry no image tokens, so they run without the PLoRA branch, as the official model does.
 """
 from __future__ import annotations
@@ -26,6 +30,10 @@ from ms_xcomposer.cache import KVCache
 
 HF_DEFAULT_TOP_K = 50
 NEG_INF = -np.inf
+
+
+class NonFiniteError(ValueError):
+    """The model produced NaN or Inf: weights holding NaN/Inf, or an overflow of the compute dtype."""
 
 
 class Streamer(Protocol):
@@ -165,6 +173,29 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def _numpy(x) -> np.ndarray:
+    return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def _non_finite(where: str, stage: str) -> NonFiniteError:
+    return NonFiniteError(f"the model produced NaN/Inf logits in {where}; the first non-finite output is "
+                          f"{stage}. The weights may hold NaN/Inf (`ms-xcomposer convert --check-finite` finds "
+                          "them), or the compute dtype overflowed (float16: try float32)")
+
+
+def _sample_candidates(rng: np.random.Generator, scores: np.ndarray, k: int) -> np.ndarray:
+    """k indices of `scores` drawn without replacement from softmax(scores), as `torch.multinomial`; when
+    fewer than k have a non-zero probability, the best-scored of the others complete the draw."""
+    probs = _softmax(scores.astype(np.float64))
+    live = np.flatnonzero(probs > 0)
+    drawn = rng.choice(live, size=min(k, live.size), replace=False, p=probs[live] / probs[live].sum())
+    if drawn.size == k:
+        return drawn
+    rest = np.setdiff1d(np.arange(scores.shape[0]), drawn, assume_unique=True)
+    fill = rest[np.argsort(-scores[rest], kind="stable")[:k - drawn.size]]
+    return np.concatenate([drawn, fill])
+
+
 # ---- model stepping ------------------------------------------------------------------------------------
 class _Stepper:
     """Runs the prefill and the cached decode steps, returning last-position logits as numpy [B, V]. The model's
@@ -178,15 +209,40 @@ class _Stepper:
     def prefill(self, embeds, capacity: int) -> np.ndarray:
         out = self.model(inputs_embeds=embeds, use_cache=True, last_logits_only=True, cache_capacity=capacity,
                          **self.extras)
+        logits = out.logits.asnumpy()[:, -1]
+        if not np.isfinite(logits).all():
+            raise _non_finite("the prefill", self._first_non_finite(self.extras, inputs_embeds=embeds))
         self.cache = out.past_key_values
-        return out.logits.asnumpy()[:, -1]
+        return logits
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         ids = np.asarray(tokens, dtype=np.int32).reshape(-1, 1)
         out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, last_logits_only=True,
                          **self.step_extras)
+        logits = out.logits.asnumpy()[:, -1]
+        if not np.isfinite(logits).all():
+            raise _non_finite(f"the decode step at position {self.cache.length}",
+                              self._first_non_finite(self.step_extras, input_ids=ids, past_key_values=self.cache))
         self.cache = out.past_key_values
-        return out.logits.asnumpy()[:, -1]
+        return logits
+
+    def _first_non_finite(self, extras: dict, **inputs) -> str:
+        """The first stage whose output holds NaN/Inf, found by running the same inputs again with every
+        layer's output (only after non-finite logits: this costs one more forward). Rows a per-token extra
+        marks (IXC's im_mask: image rows) are reported as image embeddings."""
+        out = self.model(**inputs, **extras, last_logits_only=True, output_hidden_states=True)
+        embeds, layers = out.hidden_states[0].asnumpy(), out.hidden_states[1:]
+        if not np.isfinite(embeds).all():
+            rows = ~np.isfinite(embeds).all(axis=-1)
+            marks = [_numpy(extras[k]) != 0 for k in getattr(self.model, "per_token_extras", ())
+                     if extras.get(k) is not None]
+            if any((rows & m).any() for m in marks):
+                return "the image embeddings (vision tower or projector)"
+            return "the token embeddings"
+        for i, hidden in enumerate(layers):
+            if not np.isfinite(hidden.asnumpy()).all():
+                return f"decoder layer {i}"
+        return "the final norm or the output projection"
 
     def reorder(self, beam_index: Sequence[int]) -> None:
         self.cache = self.cache.select(beam_index)
@@ -269,8 +325,7 @@ def _beam_search(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConfig, p
             log_probs = apply_warpers(log_probs, cfg, min_tokens_to_keep=len(eos) + 1)
         acc = (log_probs + running_scores[:, None]).reshape(-1)
         if cfg.do_sample:
-            probs = _softmax(acc.astype(np.float64))
-            cand = rng.choice(acc.shape[0], size=keep, replace=False, p=probs / probs.sum())
+            cand = _sample_candidates(rng, acc, keep)
         else:
             cand = np.argsort(-acc, kind="stable")[:keep]
         cand_scores = acc[cand]

@@ -90,7 +90,8 @@ def check_size(size: Tuple[int, int], name: str, max_pixels: int = MAX_IMAGE_PIX
         raise ImageError(f"{name!r} is an empty image ({w}x{h})")
     if w * h > max_pixels:
         raise ImageError(f"{name!r} has {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-                         "(possible decompression bomb; pass a larger max_pixels to allow it)")
+                         "(possible decompression bomb; pass a larger max_pixels, `--max-pixels` in the CLI, to allow "
+                         "it)")
 
 
 def _from_array(arr: np.ndarray) -> Image.Image:

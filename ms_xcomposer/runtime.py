@@ -31,6 +31,10 @@ def setup(device: str = "CPU", mode: str = "pynative", device_id: int = 0) -> No
     if mode.lower() not in MODES:
         raise RuntimeConfigError(f"unknown mode {mode!r}; expected 'pynative' or 'graph'")
     if device != current_device():  # set_device is refused once a kernel has run, even for the same device
+        if not device_available(device):
+            # Asked first: set_device on a missing device logs two [ERROR] lines and raises a page of C++ context.
+            raise RuntimeConfigError(f"{device} is not available: this MindSpore installation or machine has no "
+                                     f"usable {device} (use --device CPU)")
         try:
             if device == "CPU":
                 ms.set_device("CPU")
@@ -45,6 +49,13 @@ def setup(device: str = "CPU", mode: str = "pynative", device_id: int = 0) -> No
         # (docs/performance.md, matmul section). Kernels still use all op threads.
         ms.set_context(pynative_synchronize=True)
     ms.set_context(mode=MODES[mode.lower()])
+
+
+def device_available(device: str) -> bool:
+    """Whether MindSpore can run on `device` here (its plug-in is installed and a device is present)."""
+    import mindspore.device_context as device_context
+
+    return bool(getattr(device_context, normalise_device(device).lower()).is_available())
 
 
 def current_device() -> str:

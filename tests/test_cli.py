@@ -292,7 +292,7 @@ def test_interactive_session_over_stdin_in_graph_mode(converted, library):
                                            f"assistant> {a3}\n")]
     assert positions == sorted(positions)
     assert stdout.startswith("you> commands: /image PATH")
-    assert "error: image file '/no/such.png' not found" in out.stderr
+    assert "error: image /no/such.png does not exist" in out.stderr
     assert "error: unknown command '/frob'" in out.stderr
     assert "graph mode" in out.stderr
     assert "Traceback" not in out.stderr and "[WARNING]" not in out.stderr  # GLOG_v=3 keeps MindSpore quiet
@@ -374,6 +374,8 @@ def test_demo_report(demo_run):
     assert re.search(r"^\[3/5\] PyNative chat, 'Describe this image\.' about demo\.png \(hd_num 1\):", text, re.M)
     assert re.search(r"^      12 new tokens in [\d.]+ s: first token after [\d.]+ s", text, re.M)
     assert re.search(r"^\[4/5\] parity with the PyTorch reference", text, re.M)
+    compiling = "\n      compiling the graphs (vision encoder, token embedding, language model step): a few seconds ...\n"
+    assert text.index("\n[5/5] GRAPH chat") < text.index(compiling) < text.index("answer:", text.index("[5/5]"))
     assert re.search(r"^      greedy tokens +0 differ +0\.00 +identical +pass$", text, re.M)
     assert re.search(r"^  conversion +[\d.]+ GB/s \(142 tensors, 19\.8 MB", text, re.M)
     assert re.search(r"^  PyNative +[\d.]+ tokens/s, first token after", text, re.M)
@@ -460,3 +462,225 @@ def test_tokenizer_training_refuses_a_vocabulary_too_small():
 
     with pytest.raises(ValueError, match="cannot train a 300-piece tokenizer on the demo corpus: .*Vocabulary size"):
         train_sentencepiece(300)
+
+
+# ---- usage errors, --version, devices -----------------------------------------------------------------------
+def test_usage_errors_are_one_line_with_a_help_pointer():
+    out = run_cli("chat", GOLDEN_BIN, "--frob", timeout=120)
+    assert out.returncode == 2
+    assert out.stderr == "error: unrecognized arguments: --frob; see `ms-xcomposer --help`\n"
+    out = run_cli("chat", GOLDEN_BIN, "--hd-num", "0", timeout=120)
+    assert out.returncode == 2
+    assert out.stderr == ("error: argument --hd-num: must be a positive integer, got 0; "
+                          "see `ms-xcomposer chat --help`\n")
+
+
+def test_version():
+    from ms_xcomposer import __version__
+
+    out = run_cli("--version", timeout=120)
+    assert (out.returncode, out.stdout) == (0, f"ms-xcomposer {__version__}\n")
+
+
+def test_a_missing_device_is_one_line_exit_2():
+    import mindspore.device_context as device_context
+
+    assert not device_context.gpu.is_available(), "this test needs a machine without a GPU"
+    out = run_cli("chat", GOLDEN_BIN, "--device", "GPU", "--query", "hi", timeout=120)
+    assert out.returncode == 2
+    assert out.stderr == ("error: GPU is not available: this MindSpore installation or machine has no usable GPU "
+                          "(use --device CPU)\n")
+
+
+# ---- chat: every input checked before the model is loaded --------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("bad-files")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 10)
+    Image.new("RGB", (200, 100), "white").save(d / "200x100.png")
+    tiny_hf_checkpoint(str(d / "vl"), "tiny-ixc2-vl", fmt="safetensors")
+    return d
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("directory", ["--image", "{d}"], "error: image {d} is a directory, not an image file"),
+    ("corrupt", ["--image", "{d}/corrupt.png"], "error: '{d}/corrupt.png' is not a readable image: "),
+    ("bomb", ["--image", "{d}/200x100.png", "--max-pixels", "19999"],
+     "error: '{d}/200x100.png' has 200x100 = 20000 pixels, over the limit of 19999 (possible decompression bomb; "
+     "pass a larger max_pixels, `--max-pixels` in the CLI, to allow it)"),
+    ("placeholders", ["--image", SMALL, "--image", WIDE, "--query", "<ImageHere> compare"],
+     "error: the prompt (history included) has 1 <ImageHere> placeholder(s) but 2 image(s) were given"),
+    ("context", ["--max-new-tokens", "100000000"],
+     "error: --max-new-tokens 100000000 exceeds the model's context length of 4096 positions"),
+    ("adapters", ["--infer-mode", "web", "--model", "{d}/vl"],
+     "error: --infer-mode web needs the task adapters lora_web, which this checkpoint does not have"),
+])
+def test_chat_refuses_bad_input_before_loading(bad_files, case, args, message):
+    args = [a.format(d=bad_files) for a in args]
+    model = GOLDEN_BIN
+    if "--model" in args:
+        i = args.index("--model")
+        model = args[i + 1]
+        del args[i:i + 2]
+    query = [] if "--query" in args else ["--query", "hi"]
+    out = run_cli("chat", model, *args, *query, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert lines[-1].startswith(message.format(d=bad_files)), lines
+    assert not any(line.startswith(("loading", "loaded")) for line in lines)  # refused before the weights
+
+
+def test_max_pixels_admits_a_larger_image(bad_files, converted, library, capsys):
+    image = str(bad_files / "200x100.png")
+    assert cli.main(["chat", converted, "--image", image, "--max-pixels", "20000", "--query", "hi", *GREEDY]) == 0
+    expected, _ = lib_chat(library, "hi", [image])
+    assert capsys.readouterr().out == expected + "\n"
+
+
+MEMORY_PROBE = ("import sys, psutil\n"
+                "available = int(sys.argv[1])\n"
+                "real = psutil.virtual_memory\n"
+                "psutil.virtual_memory = lambda: real()._replace(available=available)\n"
+                "from ms_xcomposer.cli import main\n"
+                "sys.exit(main(sys.argv[2:]))\n")
+
+
+def test_chat_refuses_a_request_larger_than_the_memory_unless_forced(converted):
+    """The real command in a subprocess whose memory probe reports 0.3 GB available: below what the tiny model's
+    process alone takes (about 0.6 GB measured), so the request must be refused; with --force it runs."""
+    env = {k: v for k, v in os.environ.items() if k != "GLOG_v"}
+    argv = ["chat", converted, "--image", SMALL, "--query", "hi", *GREEDY]
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, "300000000", *argv], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.splitlines()[-1]
+    assert re.match(r"error: this request needs about [\d.]+ GB of memory \(weights [\d.]+ GB \+ KV cache 2 x "
+                    r"[\d.]+ GB \+ activation [\d.]+ GB \(a prompt of \d+ rows\) \+ runtime [\d.]+ GB.*\), more "
+                    r"than the 0\.30 GB available; use a smaller --hd-num", last), last
+    assert "loading" not in out.stderr
+    forced = subprocess.run([sys.executable, "-c", MEMORY_PROBE, "300000000", *argv, "--force"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert forced.returncode == 0, forced.stderr
+    assert "warning: this request may need" in forced.stderr and "going on (--force)" in forced.stderr
+    assert forced.stdout.strip()
+
+
+def test_sampling_options_without_do_sample_warn_and_decode_greedily(converted, library):
+    out = run_cli("chat", converted, "--image", SMALL, "--query", "hi", "--temperature", "0.5", "--top-k", "3",
+                  *GREEDY)
+    assert out.returncode == 0, out.stderr
+    assert ("warning: --temperature, --top-k are ignored without --do-sample (greedy decoding); add --do-sample to "
+            "sample") in out.stderr
+    assert out.stdout == lib_chat(library, "hi", [SMALL])[0] + "\n"
+    quiet = run_cli("chat", converted, "--image", SMALL, "--query", "hi", "--do-sample", "--temperature", "0.5",
+                    *GREEDY)
+    assert "warning" not in quiet.stderr
+
+
+def test_infer_mode_and_meta_instruction_reach_the_chat(converted, library, capsys):
+    args = ["--infer-mode", "write", "--meta-instruction", "Answer in one word."]
+    assert cli.main(["chat", converted, "--image", SMALL, "--query", "hi", *args, *GREEDY]) == 0
+    expected, _ = lib_chat(library, "hi", [SMALL], infer_mode="write", use_meta=True,
+                           meta_instruction="Answer in one word.")
+    plain, _ = lib_chat(library, "hi", [SMALL])
+    meta_only, _ = lib_chat(library, "hi", [SMALL], use_meta=True, meta_instruction="Answer in one word.")
+    assert len({expected, plain, meta_only}) == 3  # both options change the answer: the comparison can fail
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_beam_sampling_runs_and_tends_to_beam_search_at_low_temperature(converted, library):
+    """--num-beams 2 --do-sample crashed ("Fewer non-zero entries in p than size"). As the temperature goes to 0,
+    HF's beam sampling draws the candidates in score order, i.e. becomes beam search."""
+    out = run_cli("chat", converted, "--image", SMALL, "--query", "hi", "--num-beams", "2", "--do-sample",
+                  "--temperature", "1e-4", "--top-p", "1", "--top-k", "0", "--seed", "0", *GREEDY)
+    assert out.returncode == 0, out.stderr
+    beams, _ = lib_chat(library, "hi", [SMALL], num_beams=2)
+    assert out.stdout == beams + "\n"
+    warm = run_cli("chat", converted, "--image", SMALL, "--query", "hi", "--num-beams", "2", "--do-sample",
+                   "--seed", "0", *GREEDY)  # default top-p 0.8 keeps few tokens per beam: the original crash
+    assert warm.returncode == 0, warm.stderr
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory):
+    """Copies of the golden safetensors checkpoint with NaN in one tensor: a decoder layer, the vision tower."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for name, key in (("layer1", "model.layers.1.feed_forward.w2.weight"),
+                      ("vision", "vit.vision_tower.vision_model.encoder.layers.0.mlp.fc2.weight")):
+        d = tmp_path_factory.mktemp(f"nan-{name}")
+        shutil.copytree(GOLDEN_ST, d, dirs_exist_ok=True)
+        with open(os.path.join(d, "model.safetensors.index.json"), encoding="utf-8") as f:
+            shard = os.path.join(d, json.load(f)["weight_map"][key])
+        tensors = load_file(shard)
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = torch.nan
+        save_file(tensors, shard, metadata={"format": "pt"})
+        out[name] = str(d)
+    return out
+
+
+@pytest.mark.parametrize("name, stage", [("layer1", "decoder layer 1"),
+                                         ("vision", "the image embeddings (vision tower or projector)")])
+def test_nan_weights_are_reported_with_the_first_non_finite_stage(poisoned, name, stage):
+    out = run_cli("chat", poisoned[name], "--image", SMALL, "--query", "hi", *GREEDY)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.splitlines()[-1] == (
+        f"error: the model produced NaN/Inf logits in the prefill; the first non-finite output is {stage}. The "
+        "weights may hold NaN/Inf (`ms-xcomposer convert --check-finite` finds them), or the compute dtype "
+        "overflowed (float16: try float32)")
+    assert out.stdout.strip() == ""
+
+
+# ---- info --estimate ----------------------------------------------------------------------------------------
+def test_info_estimate_counts_weights_and_cache_from_the_checkpoint_facts():
+    """Weights: every tensor the safetensors library finds (the model allocates exactly these); the KV cache and
+    the prompt from the golden case's facts (CASE.md: 2 layers, 2 KV heads of 64; 400 rows per 560-px tile, a
+    20-row separator per tile row, one between the views). The activation is judged by test_memory.py."""
+    shapes = _safetensors_params(GOLDEN_ST)
+    weights = sum(int(np.prod(s)) for s in shapes.values()) * 4
+    out = run_cli("info", GOLDEN_ST, "--estimate", "--hd-num", "4", "--max-new-tokens", "100", "--dtype", "float32",
+                  "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    rows = (4 + 1) * 400 + 1 + (4 + 1) * 20 + 256  # the worst 4-tile layout, a 4x1 strip, and 256 text rows
+    capacity = -(-(rows + 100) // 256) * 256
+    assert (d["weights"], d["prompt_rows"], d["capacity"]) == (weights, rows, capacity)
+    assert d["kv_cache"] == 2 * 2 * 2 * capacity * 64 * 4
+    assert d["total"] == d["weights"] + 2 * d["kv_cache"] + d["activation"]
+    text = run_cli("info", GOLDEN_ST, "--estimate", "--hd-num", "4", "--max-new-tokens", "100", "--dtype",
+                   "float32", timeout=120).stdout.splitlines()
+    assert text[0].endswith("IXC-2.5, memory of one chat (float32 weights and compute, batch 1): one image "
+                            f"(hd_num 4, 4x1 tiles: {rows - 256} rows) + 256 text rows, 100 new tokens")
+    assert [line.split()[0] for line in text[1:]] == ["weights", "KV", "peak", "loading", "total"]
+    bad = run_cli("info", GOLDEN_ST, "--hd-num", "4", timeout=120)
+    assert (bad.returncode, bad.stderr) == (2, "error: --hd-num applies only with --estimate\n")
+
+
+# ---- examples without torch ---------------------------------------------------------------------------------
+NO_TORCH = ("import importlib.machinery as machinery, runpy, sys\n"
+            "class NoTorch(machinery.PathFinder):  # torch and transformers look not installed\n"
+            "    @classmethod\n"
+            "    def find_spec(cls, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+            "            return None\n"
+            "        return super().find_spec(name, path, target)\n"
+            "sys.meta_path = [NoTorch if f is machinery.PathFinder else f for f in sys.meta_path]\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def test_parity_example_without_torch_is_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "GLOG_v"}
+    script = os.path.join(ROOT, "examples", "parity_check.py")
+    out = subprocess.run([sys.executable, "-c", NO_TORCH, script, GOLDEN_BIN, "--image", SMALL, "--steps", "1"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr == ("error: parity needs torch and transformers for the PyTorch side: "
+                          "pip install 'ms-xcomposer[parity]'\n")

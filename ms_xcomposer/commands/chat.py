@@ -7,18 +7,20 @@ Ctrl-C while an answer is streaming stops that answer; at the prompt it quits (e
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
 from ms_xcomposer.cli import EXIT_OK
+from ms_xcomposer.commands.chat_preflight import ChatPlan, preflight
+from ms_xcomposer.images import MAX_IMAGE_PIXELS
 
 EXAMPLES = """examples:
   ms-xcomposer chat ./ixc25-ms --image photo.jpg --query "Describe this image."
   ms-xcomposer chat ./ixc25-ms --image a.jpg --image b.jpg --query "Image1 <ImageHere>; Image2 <ImageHere>; Compare them."
   ms-xcomposer chat ./ixc25-ms --image photo.jpg --do-sample --temperature 0.8 --top-p 0.8 --seed 0
   ms-xcomposer chat ./ixc25-ms --num-beams 3 --use-meta --query "Write a poem about the sea."
+  ms-xcomposer chat ./ixc25-ms --infer-mode write --meta-instruction "You are a poet." --query "A poem, please."
   ms-xcomposer chat ./ixc25-ms --mode graph            # interactive session; the first answer compiles the graphs
   ms-xcomposer chat ./ixc25-ms --device Ascend --dtype bfloat16 --image photo.jpg   # never run by the developers
 
@@ -30,7 +32,9 @@ Without --query an interactive session starts; --image files are attached to its
   /exit         quit (also Ctrl-D); Ctrl-C stops the answer being streamed
 Decoding defaults: GenerationConfig's (greedy, no repetition penalty, at most 1024 new tokens), overridden by
 the model directory's generation_config.json, then by these options (the library's `chat` uses the same).
-The answer goes to stdout; loading and timing lines go to stderr.
+Every input is checked before the model is loaded, including the memory the request needs (refused above the
+available memory unless --force; see `ms-xcomposer info DIR --estimate`).
+The answer goes to stdout; loading, memory and timing lines go to stderr.
 """
 SESSION_HELP = ("commands: /image PATH (attach an image to the next message), /reset (new conversation), "
                 "/exit (quit; also Ctrl-D), /help")
@@ -91,25 +95,15 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default: the device's; CPU: float32, GPU/Ascend: bfloat16)")
 
 
-def generation_kwargs(args: argparse.Namespace) -> dict:
-    """The decoding options given on the command line (unset ones left to the model's GenerationConfig), checked
-    now against the directory's generation_config.json (before the model is loaded)."""
-    from ms_xcomposer.generation import GenerationConfig
-
-    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample or None, num_beams=args.num_beams,
-                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  repetition_penalty=args.repetition_penalty, seed=args.seed)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    GenerationConfig.from_pretrained(args.model_dir).updated(**kwargs)  # raises ValueError naming a bad value
-    return kwargs
-
-
-def load_model(model_dir: str, device: str, mode: str, dtype: Optional[str]):
-    """(model, processor) of MODEL_DIR's family after selecting the device and mode; prints one line to stderr."""
+def load_model(model_dir: str, device: str, mode: str, dtype: Optional[str], weights_bytes: int = 0):
+    """(model, processor) of MODEL_DIR's family after selecting the device and mode; prints a line to stderr before
+    loading (it can take a minute on a 7B) and one after."""
     from ms_xcomposer import runtime
     from ms_xcomposer.api import load
 
     runtime.setup(device, mode)
+    size = f" ({weights_bytes / 1e9:.2f} GB of weights)" if weights_bytes else ""
+    print(f"loading {model_dir}{size} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     model, processor = load(model_dir, dtype=dtype)
     compute = next(name for name, dt in runtime.DTYPES.items() if dt == model.compute_dtype)
@@ -118,12 +112,14 @@ def load_model(model_dir: str, device: str, mode: str, dtype: Optional[str]):
     return model, processor
 
 
-def _answer(model, processor, query: str, images, history, options: dict, gen: dict):
-    """Stream one answer to stdout and return its ChatResult; Ctrl-C stops the generation and propagates."""
+def _answer(model, processor, query: str, images, history, plan: ChatPlan):
+    """Stream one answer to stdout and return its ChatResult; Ctrl-C stops the generation and propagates.
+
+    images: as `ChatPlan.turn_images` gives them (XComposer2: normalised pixels), or None."""
     from ms_xcomposer.conversation import stream_chat
 
     start = time.perf_counter()
-    stream = stream_chat(model, processor, query, images, history, **options, **gen)
+    stream = stream_chat(model, processor, query, images, history, **plan.options, **plan.generation)
     with stream:
         for piece in stream:
             sys.stdout.write(piece)
@@ -135,15 +131,7 @@ def _answer(model, processor, query: str, images, history, options: dict, gen: d
     return stream.result
 
 
-def _family_options(args: argparse.Namespace) -> dict:
-    """The XComposer2 options the command line sets (the processor refuses options its family lacks)."""
-    return {k: v for k, v in (("hd_num", args.hd_num), ("use_meta", args.use_meta or None)) if v is not None}
-
-
-def _interactive(model, processor, args: argparse.Namespace, gen: dict) -> int:
-    from ms_xcomposer.images import load_image
-    from ms_xcomposer.models.xcomposer2.processing import VIDEO_EXTENSIONS
-
+def _interactive(model, processor, args: argparse.Namespace, plan: ChatPlan) -> int:
     session = Session(processor.image_placeholder, processor.auto_image_placeholder)
     session.pending = list(args.image or [])
     print(f"interactive chat with {type(model).__name__}. {SESSION_HELP}", file=sys.stderr)
@@ -166,10 +154,7 @@ def _interactive(model, processor, args: argparse.Namespace, gen: dict) -> int:
             elif command == "/image":
                 path = rest.strip()
                 try:  # refuse unreadable files now, not in the middle of the next turn
-                    if not path.lower().endswith(VIDEO_EXTENSIONS):
-                        load_image(path)
-                    elif not os.path.isfile(path):
-                        raise FileNotFoundError(f"video file {path!r} not found")
+                    plan.check_path(path)
                 except (ValueError, OSError) as e:
                     print(f"error: {e}", file=sys.stderr)
                     continue
@@ -180,15 +165,15 @@ def _interactive(model, processor, args: argparse.Namespace, gen: dict) -> int:
             else:
                 print(f"error: unknown command {command!r}; {SESSION_HELP}", file=sys.stderr)
             continue
-        query, images, history = session.turn(line)
+        query, paths, history = session.turn(line)
         sys.stdout.write("assistant> ")
         sys.stdout.flush()
         try:
-            result = _answer(model, processor, query, images, history, _family_options(args), gen)
+            result = _answer(model, processor, query, plan.turn_images(paths), history, plan)
         except KeyboardInterrupt:
             print("\n[stopped]")
             continue
-        except ValueError as e:  # prompt or image problems: the session goes on
+        except (ValueError, OSError) as e:  # prompt or image problems: the session goes on
             print()
             print(f"error: {e}", file=sys.stderr)
             continue
@@ -196,24 +181,19 @@ def _interactive(model, processor, args: argparse.Namespace, gen: dict) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.isdir(args.model_dir):
-        raise FileNotFoundError(f"model directory {args.model_dir} does not exist")
-    for path in args.image or ():
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image {path} does not exist")
-    gen = generation_kwargs(args)
-    model, processor = load_model(args.model_dir, args.device, args.mode, args.dtype)
+    plan = preflight(args)  # every input checked before the weights are read
+    model, processor = load_model(args.model_dir, args.device, args.mode, args.dtype, plan.weight_bytes)
     if args.query is None:
-        return _interactive(model, processor, args, gen)
-    _answer(model, processor, args.query, args.image or None, (), _family_options(args), gen)
+        return _interactive(model, processor, args, plan)
+    _answer(model, processor, args.query, plan.images, (), plan)
     return EXIT_OK
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "chat", help="chat about images with a converted (or HF) model: one answer, or an interactive session",
-        description="Chat with an IXC2-VL / IXC2-4KHD / IXC-2.5 model: one answer with --query, otherwise an "
-                    "interactive multi-turn session with streamed answers.",
+        description="Chat with a converted model of any registered family (IXC2-VL / IXC2-4KHD / IXC-2.5): one "
+                    "answer with --query, otherwise an interactive multi-turn session with streamed answers.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="converted MindSpore directory (or an HF directory)")
@@ -225,15 +205,26 @@ def register(subparsers) -> None:
                              "IXC-2.5 uses 6 with several images)")
     parser.add_argument("--use-meta", action="store_true",
                         help="IXC-2.5: send the default system prompt (IXC2-VL / 4KHD always send it)")
+    parser.add_argument("--meta-instruction", metavar="TEXT",
+                        help="the system prompt to send instead of the default (implies --use-meta; '' sends none)")
+    parser.add_argument("--infer-mode", choices=("base", "web", "write"),
+                        help="IXC-2.5 task adapters: base (default), web (lora_web) or write (lora_sft + lora_dpo)")
+    parser.add_argument("--max-pixels", type=positive_int, metavar="N",
+                        help=f"largest image accepted, in pixels (default: {MAX_IMAGE_PIXELS:,}, PIL's "
+                             "decompression-bomb threshold; PIL refuses more than twice that in any case)")
+    parser.add_argument("--force", action="store_true",
+                        help="go on when the request is estimated to need more memory than is available")
     gen = parser.add_argument_group(
         "decoding", "defaults: the model directory's generation_config.json, else GenerationConfig's (greedy, "
                     "no repetition penalty, at most 1024 new tokens)")
-    gen.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="most new tokens per answer")
+    gen.add_argument("--max-new-tokens", type=positive_int, metavar="N",
+                     help="most new tokens per answer (at most the model's context length)")
     gen.add_argument("--num-beams", type=positive_int, metavar="N", help="beam search width")
-    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, help="sampling temperature")
-    gen.add_argument("--top-p", type=float, help="sampling nucleus")
-    gen.add_argument("--top-k", type=int, help="sampling top-k (50 when sampling and unset)")
+    gen.add_argument("--do-sample", action="store_true",
+                     help="sample instead of greedy decoding (with --num-beams: beam sampling)")
+    gen.add_argument("--temperature", type=float, help="sampling temperature (needs --do-sample)")
+    gen.add_argument("--top-p", type=float, help="sampling nucleus (needs --do-sample)")
+    gen.add_argument("--top-k", type=int, help="sampling top-k (50 when sampling and unset; needs --do-sample)")
     gen.add_argument("--seed", type=int, help="random seed of sampling")
     gen.add_argument("--repetition-penalty", type=float, help="repetition penalty (1.0 disables it; the official "
                                                               "chat uses 1.005)")

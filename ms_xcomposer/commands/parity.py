@@ -8,7 +8,8 @@ from ms_xcomposer.commands.chat import add_runtime_arguments, positive_int
 
 EXAMPLES = """examples:
   ms-xcomposer parity ./internlm-xcomposer2d5-7b --ms-dir ./ixc25-ms --image cat.png --steps 8
-  ms-xcomposer parity ./ixc25-tiny --image wide.png --mode graph --json parity.json
+  ms-xcomposer parity tests/data/ixc25_tiny/hf --image tests/data/ixc25_tiny/image_wide.png --mode graph --json parity.json
+                                          # the tiny golden model of a source checkout
   ms-xcomposer parity ./internlm-xcomposer2d5-7b --trust-remote-code --image cat.png
 
 Stages, in pipeline order: pixels, vit input, vision tower, assembled tokens, projector (per image), then

@@ -1,7 +1,8 @@
 """The XComposer2 family (IXC2-VL-7B, IXC2-4KHD-7B, IXC-2.5-7B): CLIP tower + projector + PLoRA InternLM2.
 
 - `config.py`: `XComposerConfig` (inferred from HF config.json + shapes), `VariantSpec`, presets;
-- `keys.py`: the HF key table; `info.py`: what `ms-xcomposer info` says about a checkpoint;
+- `keys.py`: the HF key table; `info.py`: what `ms-xcomposer info` says about a checkpoint; `preflight.py`:
+  what `ms-xcomposer chat` checks of a request before loading;
 - `modeling.py`: `XComposer2ForCausalLM` (Cells named as the HF keys, on the generic engine);
 - `processing.py`: image / video transforms per variant; `prompt.py`: the chat template and variant rules;
 - `processor.py`: `XComposer2Processor` (tokenizer + images + prompt -> the model's inputs; response text).
@@ -30,6 +31,7 @@ FAMILY = Family(
     components=info.COMPONENTS,
     component_of=info.component,
     describe=info.describe,
+    request_check="ms_xcomposer.models.xcomposer2.preflight:XComposer2RequestCheck",
 )
 
 _LAZY = {"XComposer2ForCausalLM": "modeling", "split_views": "modeling", "OFFICIAL_CHAT_GENERATION": "modeling",

@@ -33,10 +33,15 @@ def component(name: str) -> str:
     return "language model"
 
 
+def variant_name(cfg: XComposerConfig) -> str:
+    """"IXC-2.5" and the like."""
+    return _VARIANT_NAMES[cfg.variant]
+
+
 def describe(cfg: XComposerConfig) -> List[str]:
     """The config lines of `info`: variant, language model, vision tower, projector, PLoRA, adapters, images."""
     llm, vit, spec = cfg.llm, cfg.vision, cfg.spec
-    lines = [f"variant: {_VARIANT_NAMES[cfg.variant]} ({cfg.variant})"]
+    lines = [f"variant: {variant_name(cfg)} ({cfg.variant})"]
     rope = (f", rope scaling {llm.rope_scaling['type']} x{llm.rope_scaling['factor']}" if llm.rope_scaling
             else ", no rope scaling")
     lines.append(f"language model: InternLM2, hidden {llm.hidden_size}, {llm.num_hidden_layers} layers, "

@@ -87,15 +87,38 @@ def hd_transform(img: Image.Image, hd_num: int, tile: int, kind: str = "hd_botto
 
     Returns an RGB image whose sides are multiples of `tile`, with at most `hd_num` tiles.
     """
-    if kind not in ("hd_centre", "hd_bottom"):
-        raise ImageError(f"unknown HD transform {kind!r}; expected 'hd_centre' or 'hd_bottom'")
-    if isinstance(hd_num, bool) or not isinstance(hd_num, (int, np.integer)) or hd_num < 1:
-        raise ImageError(f"hd_num must be a positive integer, got {hd_num!r}")
     width, height = img.size
     transposed = width < height
     if transposed:
         img = img.transpose(Image.Transpose.TRANSPOSE)
-        width, height = img.size
+    new_w, new_h = _hd_resize(img.size, hd_num, tile, kind)
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    target = math.ceil(new_h / tile) * tile
+    top = (target - new_h) // 2 if kind == "hd_centre" else 0
+    canvas = Image.new("RGB", (new_w, target), WHITE)
+    canvas.paste(img, (0, top))
+    if transposed:
+        canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
+    return canvas
+
+
+def hd_grid(size: Tuple[int, int], hd_num: int, tile: int, kind: str = "hd_bottom") -> Tuple[int, int]:
+    """(rows, cols) of tiles `hd_transform` makes of an image of `size` = (width, height), without resizing it:
+    what a memory estimate needs before any pixel is decoded."""
+    width, height = size
+    transposed = width < height
+    new_w, new_h = _hd_resize((height, width) if transposed else (width, height), hd_num, tile, kind)
+    long_tiles, short_tiles = new_w // tile, math.ceil(new_h / tile)
+    return (long_tiles, short_tiles) if transposed else (short_tiles, long_tiles)
+
+
+def _hd_resize(size: Tuple[int, int], hd_num: int, tile: int, kind: str) -> Tuple[int, int]:
+    """(width, height) an HD transform resizes a landscape image of `size` to, before the padding."""
+    if kind not in ("hd_centre", "hd_bottom"):
+        raise ImageError(f"unknown HD transform {kind!r}; expected 'hd_centre' or 'hd_bottom'")
+    if isinstance(hd_num, bool) or not isinstance(hd_num, (int, np.integer)) or hd_num < 1:
+        raise ImageError(f"hd_num must be a positive integer, got {hd_num!r}")
+    width, height = size
     ratio = width / height
     scale = 1
     while scale * math.ceil(scale / ratio) <= hd_num:
@@ -106,15 +129,8 @@ def hd_transform(img: Image.Image, hd_num: int, tile: int, kind: str = "hd_botto
     new_w = int(scale * tile)
     new_h = int(new_w / ratio)
     if new_h < 1:
-        raise ImageError(f"image of {img.size} is too elongated: it would be resized to {new_w}x{new_h}")
-    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    target = math.ceil(new_h / tile) * tile
-    top = (target - new_h) // 2 if kind == "hd_centre" else 0
-    canvas = Image.new("RGB", (new_w, target), WHITE)
-    canvas.paste(img, (0, top))
-    if transposed:
-        canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
-    return canvas
+        raise ImageError(f"image of {size} is too elongated: it would be resized to {new_w}x{new_h}")
+    return new_w, new_h
 
 
 def _check_pixels(pixels: np.ndarray, spec: VariantSpec, tile: int) -> np.ndarray:

@@ -1,0 +1,152 @@
+"""Memory a chat request needs, estimated from the config alone (no weights loaded).
+
+Used by `ms-xcomposer chat` before it loads the model (refuse, or warn with --force, when the estimate exceeds
+the available memory) and by `ms-xcomposer info DIR --estimate`. Pure arithmetic on the config.
+
+The formula follows the code as it is (bytes; B = batch, S = prompt rows, C = KV cache capacity =
+`cache.round_capacity(S + max_new_tokens)`, c = bytes of the compute dtype, w = bytes of the weights' dtype):
+
+- weights = parameters of the model the config describes (task adapters included when it has them) x w.
+- KV cache = 2 (keys, values) x layers x B x beams x kv_heads x C x head_dim x c. Each compiled step returns
+  a new cache while the old one is still referenced, so for a moment there are two: the peak counts it twice.
+- prefill activation (one decoder layer at a time) = ATTENTION_COPIES x B x heads x S x C x 4 (the attention
+  scores are materialised over the whole capacity in float32: scores, bias-added scores, softmax, and their
+  casts; see `models/internlm2.py`), plus B x S x (3 x ffn + qkv_out + 4 x hidden) x c (feed-forward and
+  projections), plus the prompt embeddings B x S x hidden x c and the last logits B x vocab x 4.
+  This term is quadratic in S. When prefill runs in chunks of K rows, replace S x C by K x C in the first
+  term (`_llm_prefill_bytes`).
+- vision activation (images are encoded one after the other; the largest counts) = VIT_ATTENTION_COPIES x
+  views x vit_heads x T x T x 4 + views x T x (vit_ffn + 4 x vit_width) x c, where views = 1 + tiles (HD
+  variants) and T = patches + 1.
+- activation = max(vision, prefill): the vision tower finishes before the prefill starts.
+- loading = weights x LOADING_PEAK_RATIO: `from_pretrained` builds the model, then reads the checkpoint into it.
+- peak = max(loading, weights + 2 x KV cache + activation).
+
+The two copy factors were measured on this CPU (MindSpore 2.10, tiny IXC-2.5, PyNative and GRAPH, peak RSS of
+one call above the RSS before it): the attention at S = 2048 and 4096 took 4.2 (PyNative) to 6.3 (GRAPH,
+S = 2048) score-sized copies; the vision tower 2 to 3 (5 and 9 views). Issue 10 measured 3.4 to 5 copies at
+full width. `tests/test_memory.py` checks the estimate against a measured peak RSS (measured / estimated
+between 1/2 and 1.5; PyNative measures below the estimate, GRAPH above it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+from ms_xcomposer.cache import round_capacity
+from ms_xcomposer.models.xcomposer2.config import XComposerConfig
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+ATTENTION_COPIES = 4.5  # float32 [heads, S, C] tensors alive at the attention's peak (4.2 PyNative, up to 6.3 GRAPH)
+VIT_ATTENTION_COPIES = 3  # float32 [views, heads, T, T] tensors alive at the vision attention's peak (2-3)
+LOADING_PEAK_RATIO = 1.6  # peak RSS while loading / weight bytes (issue 10: 6.7 GB for 4.09 GB of bf16)
+# RSS of a CPU process with MindSpore imported and a tiny model loaded (0.54-0.59 GB measured): what the
+# chat pre-check adds to the estimate; `info --estimate` leaves it out (it depends on the host, not the model).
+RUNTIME_OVERHEAD = 600_000_000
+TEXT_ALLOWANCE = 256  # text rows assumed when the prompt is not known (`info --estimate`, interactive chat)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a chat request needs; `peak` is what must fit."""
+
+    weights: int
+    kv_cache: int
+    activation: int
+    loading: int
+    prompt_rows: int
+    capacity: int
+
+    @property
+    def running(self) -> int:
+        """Weights + two KV caches (a step's input and output) + the activation peak."""
+        return self.weights + 2 * self.kv_cache + self.activation
+
+    @property
+    def peak(self) -> int:
+        return max(self.loading, self.running)
+
+    def lines(self) -> Sequence[str]:
+        """Human-readable breakdown, one item per line."""
+        return [
+            f"weights          {gb(self.weights)}",
+            f"KV cache         {gb(self.kv_cache)} ({self.capacity} positions; a step briefly holds two copies)",
+            f"peak activation  {gb(self.activation)} (prompt of {self.prompt_rows} rows)",
+            f"loading peak     {gb(self.loading)}",
+            f"total            {gb(self.peak)} (max of loading, and weights + 2 x KV cache + activation)",
+        ]
+
+    def to_dict(self) -> Dict[str, int]:
+        return {"weights": self.weights, "kv_cache": self.kv_cache, "activation": self.activation,
+                "loading": self.loading, "total": self.peak, "prompt_rows": self.prompt_rows,
+                "capacity": self.capacity}
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+def parameter_bytes(shapes: Dict[str, Sequence[int]], dtype: str) -> int:
+    """Bytes of the parameters `shapes` lists (`Family.parameter_shapes(config)`), stored in `dtype`."""
+    count = 0
+    for shape in shapes.values():
+        n = 1
+        for s in shape:
+            n *= int(s)
+        count += n
+    return count * dtype_bytes(dtype)
+
+
+def image_rows(config: XComposerConfig, grid: Optional[Tuple[int, int]]) -> int:
+    """Prompt rows of one image: its HD tile grid (rows, cols), or None for IXC2-VL's single view."""
+    return config.image_tokens(*grid) if grid is not None else config.image_tokens()
+
+
+def worst_grid(config: XComposerConfig, hd_num: int) -> Optional[Tuple[int, int]]:
+    """The HD grid with the most image rows that `hd_num` tiles allow (a hd_num x 1 strip); None for VL."""
+    return (hd_num, 1) if config.spec.hd_tiles else None
+
+
+def estimate(config: XComposerConfig, *, prompt_rows: int, max_new_tokens: int, compute_dtype: str,
+             weight_dtype: str, weight_bytes: int, image_grids: Iterable[Optional[Tuple[int, int]]] = (),
+             batch: int = 1, num_beams: int = 1) -> MemoryEstimate:
+    """The memory of one chat request (see the module docstring for the formula).
+
+    prompt_rows: embedding rows of the prompt (text ids + image rows); max_new_tokens: the generation budget;
+    weight_bytes: the parameters' bytes in `weight_dtype` (`parameter_bytes`); image_grids: the HD grid
+    (rows, cols) of each image (None for VL), for the vision tower's peak.
+    """
+    if batch < 1 or num_beams < 1 or prompt_rows < 1 or max_new_tokens < 1:
+        raise ValueError("batch, num_beams, prompt_rows and max_new_tokens must be positive")
+    c = dtype_bytes(compute_dtype)
+    llm = config.llm
+    capacity = round_capacity(prompt_rows + max_new_tokens)
+    kv = 2 * llm.num_hidden_layers * batch * num_beams * llm.num_key_value_heads * capacity * llm.head_dim * c
+    vision = max((_vision_bytes(config, grid, c) for grid in image_grids), default=0)
+    activation = max(vision, _llm_prefill_bytes(config, batch, prompt_rows, capacity, c))
+    weights = weight_bytes
+    return MemoryEstimate(weights=weights, kv_cache=kv, activation=activation,
+                          loading=int(weights * LOADING_PEAK_RATIO), prompt_rows=prompt_rows, capacity=capacity)
+
+
+def _llm_prefill_bytes(config: XComposerConfig, batch: int, rows: int, capacity: int, c: int) -> int:
+    llm = config.llm
+    scores = int(ATTENTION_COPIES * batch * llm.num_attention_heads * rows * capacity * 4)
+    layer = batch * rows * (3 * llm.intermediate_size + llm.qkv_out + 4 * llm.hidden_size) * c
+    embeds = batch * rows * llm.hidden_size * c
+    return scores + layer + embeds + batch * llm.vocab_size * 4
+
+
+def _vision_bytes(config: XComposerConfig, grid: Optional[Tuple[int, int]], c: int) -> int:
+    vit = config.vision
+    views = 1 + (grid[0] * grid[1] if grid is not None else 0)
+    tokens = vit.num_positions
+    scores = VIT_ATTENTION_COPIES * views * vit.num_attention_heads * tokens * tokens * 4
+    layer = views * tokens * (vit.intermediate_size + 4 * vit.hidden_size) * c
+    return scores + layer
