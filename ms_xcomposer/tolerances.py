@@ -85,7 +85,8 @@ def metrics(actual, expected, key: Key) -> Tuple[float, float, float]:
     finite = bool(np.isfinite(a).all() and np.isfinite(e).all())
     max_abs = float(np.max(diff)) if finite else float("inf")
     norm = float(np.linalg.norm(e)) if finite else 0.0
-    rel = (float(np.linalg.norm(a - e)) / norm if norm > 0 else float(np.linalg.norm(a - e))) if finite else float("inf")
+    err = float(np.linalg.norm(a - e)) if finite else float("inf")
+    rel = err / norm if finite and norm > 0 else err
     ratio = float(np.max(diff / (atol * magnitude(e) + rtol * np.abs(e)))) if finite else float("inf")
     return max_abs, rel, ratio
 

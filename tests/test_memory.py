@@ -1,7 +1,9 @@
 """The memory estimate (ms_xcomposer/memory.py) against a measured peak RSS, and the HD grid it is given.
 
-Judge: the peak resident set size of a fresh process (getrusage) during one chat on the tiny IXC-2.5 model,
-above its RSS just before the chat (model loaded, warmed up), at two prompt lengths (the attention term is
+Judge: the peak resident set size of a fresh process (VmHWM, reset through /proc/self/clear_refs just before
+the chat: getrusage's ru_maxrss would carry the high-water mark of the pytest process that started it across
+fork and exec) during one chat on the tiny IXC-2.5 model, above its RSS just before the chat (model loaded,
+warmed up), at two prompt lengths (the attention term is
 quadratic in them) and in both modes. The estimate (activation + two KV caches) guards a refusal, so it may
 overestimate more than it underestimates: the measured rise must lie between 1/2 and 1.5 times the estimate.
 """
@@ -22,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVER, UNDER = 2.0, 1.5  # the estimate may be up to 2x the measured rise, or down to 1/1.5 of it
 
 MEASURE = r"""
-import json, os, resource, sys
+import json, os, sys
 os.environ.setdefault("GLOG_v", "3")
 import psutil
 from ms_xcomposer import chat, load
@@ -31,9 +33,14 @@ model_dir, image, mode, hd = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv
 model, processor = load(model_dir, device="CPU", mode=mode)
 options = dict(do_sample=False, max_new_tokens=2, repetition_penalty=1.0)
 chat(model, processor, "hi", [image], hd_num=1, **options)  # warm-up: allocator pools, first kernels, graphs
+def peak_rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 before = psutil.Process().memory_info().rss
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak RSS starts again from the current RSS
 chat(model, processor, "hi", [image], hd_num=hd, **options)
-rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+rise = peak_rss() - before
 rows = int(processor.prepare(model, "hi", [image], hd_num=hd).inputs_embeds.shape[1])
 print(json.dumps({"rise": rise, "rows": rows}))
 """

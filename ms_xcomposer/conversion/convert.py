@@ -137,12 +137,37 @@ def _report(direction: str, reader: CheckpointReader, dst_format: str, options: 
     }
 
 
-def _run(reader: CheckpointReader, dst: str, jobs: List[Job], fmt: str, stem: str, index_name: str,
-         shard_size: Union[int, str], st_metadata: Dict[str, str], config_json: dict, report_args: dict,
-         index_metadata: Dict[str, object], overwrite: bool, check_finite: bool, check_crc: bool,
-         progress: Progress, warn: Warn, direction: str) -> ConversionResult:
+@dataclass(frozen=True)
+class _Output:
+    """What one direction writes: its name in the report, the shard format and file stem, the index file and
+    its metadata, the safetensors header metadata, and the config.json."""
+
+    direction: str
+    fmt: str
+    stem: str
+    index_name: str
+    index_metadata: Dict[str, object]
+    st_metadata: Dict[str, str]
+    config_json: dict
+
+
+@dataclass(frozen=True)
+class _Options:
+    """How to write: shard size, whether to replace DST, the checks while streaming, progress and warnings."""
+
+    shard_size: Union[int, str]
+    overwrite: bool
+    check_finite: bool
+    check_crc: bool
+    progress: Progress
+    warn: Warn
+
+
+def _run(reader: CheckpointReader, dst: str, jobs: List[Job], output: _Output, report_args: dict,
+         opts: _Options) -> ConversionResult:
     start = time.perf_counter()
-    max_bytes = _shard_bytes(shard_size)
+    max_bytes = _shard_bytes(opts.shard_size)
+    fmt, warn = output.fmt, opts.warn
     src_dir = os.path.dirname(reader.config_path)  # the directory, also when `reader.path` is one file
     side_files = [n for n in layout.TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, n))]
     jobs = interleave(jobs, reader)
@@ -153,23 +178,23 @@ def _run(reader: CheckpointReader, dst: str, jobs: List[Job], fmt: str, stem: st
         if warn is not None:
             warn(message)
 
-    with AtomicDirectory(dst, overwrite=overwrite, protect=[src_dir], warn=note) as out:
-        shards = ShardSet(out.tmp, stem, fmt, [j.spec for j in jobs], max_bytes, st_metadata)
+    with AtomicDirectory(dst, overwrite=opts.overwrite, protect=[src_dir], warn=note) as out:
+        shards = ShardSet(out.tmp, output.stem, fmt, [j.spec for j in jobs], max_bytes, output.st_metadata)
         try:
-            stats = stream(reader, jobs, shards, _source_files(reader, side_files), check_finite=check_finite,
-                           check_crc=check_crc, progress=progress)
+            stats = stream(reader, jobs, shards, _source_files(reader, side_files), check_finite=opts.check_finite,
+                           check_crc=opts.check_crc, progress=opts.progress)
             written = shards.close()
         except BaseException:
             shards.abort()
             raise
         hashes = dict(sorted(stats.hashes.items()))
-        write_json(os.path.join(out.tmp, index_name),
-                   {"metadata": {**index_metadata, "total_size": written.total_bytes},
+        write_json(os.path.join(out.tmp, output.index_name),
+                   {"metadata": {**output.index_metadata, "total_size": written.total_bytes},
                     "weight_map": dict(sorted(written.weight_map.items()))})
-        write_json(os.path.join(out.tmp, layout.CONFIG), config_json)
+        write_json(os.path.join(out.tmp, layout.CONFIG), output.config_json)
         copied = copy_side_files(src_dir, out.tmp, side_files)
         write_json(os.path.join(out.tmp, layout.REPORT),
-                   _report(direction, reader, fmt, hashes=hashes, jobs=jobs, weight_map=written.weight_map,
+                   _report(output.direction, reader, fmt, hashes=hashes, jobs=jobs, weight_map=written.weight_map,
                            shards=written.shards, copied=copied, **report_args))
     if "tokenizer.model" not in copied:
         note(f"{reader.path} has no tokenizer.model: none copied, so {dst} cannot chat until one is added")
@@ -237,11 +262,11 @@ def convert(src: str, dst: str, *, dtype: str = "keep", fmt: str = "ckpt",
             "dropped": plan.dropped, "renamed": renamed,
             "kept_unknown": [m.source for m in plan.mapped if m.rule is keymap.KEPT_UNKNOWN],
         }
-        return _run(reader, dst, jobs, fmt, layout.MS_SHARD_STEM, layout.MS_INDEX, shard_size,
-                    {"format": "ms"}, {**hf_fields, layout.MS_SECTION: {"family": family.name, **config.to_dict()}},
-                    report_args, {"format": fmt, "family": family.name}, overwrite, check_finite, check_crc, progress,
-                    warn,
-                    "hf_to_ms")
+        output = _Output("hf_to_ms", fmt, layout.MS_SHARD_STEM, layout.MS_INDEX,
+                         {"format": fmt, "family": family.name}, {"format": "ms"},
+                         {**hf_fields, layout.MS_SECTION: {"family": family.name, **config.to_dict()}})
+        return _run(reader, dst, jobs, output, report_args,
+                    _Options(shard_size, overwrite, check_finite, check_crc, progress, warn))
 
 
 def export_hf(src: str, dst: str, *, shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, overwrite: bool = False,
@@ -269,9 +294,10 @@ def export_hf(src: str, dst: str, *, shard_size: Union[int, str] = DEFAULT_SHARD
             hf_fields["torch_dtype"] = torch_dtype
         report_args = {"options": {"shard_size": shard_size}, "dropped": [], "renamed": renamed,
                        "kept_unknown": unknown}
-        return _run(reader, dst, jobs, "safetensors", layout.HF_ST_STEM, layout.HF_ST_INDEX, shard_size,
-                    {"format": "pt"}, hf_fields, report_args, {}, overwrite, False, False, progress, warn,
-                    "ms_to_hf")
+        output = _Output("ms_to_hf", "safetensors", layout.HF_ST_STEM, layout.HF_ST_INDEX, {}, {"format": "pt"},
+                         hf_fields)
+        return _run(reader, dst, jobs, output, report_args,
+                    _Options(shard_size, overwrite, False, False, progress, warn))
 
 
 # ---- verify ------------------------------------------------------------------------------------------------
