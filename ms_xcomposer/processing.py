@@ -218,10 +218,11 @@ def hd_transform(img: Image.Image, hd_num: int, tile: int, kind: str = "hd_botto
     return canvas
 
 
-def normalize(img: Image.Image) -> np.ndarray:
-    """ToTensor + CLIP Normalize of an RGB image: float32 [1, 3, H, W], same float32 rounding as torchvision."""
+def normalize(img: Image.Image, mean: np.ndarray = CLIP_MEAN, std: np.ndarray = CLIP_STD) -> np.ndarray:
+    """ToTensor + Normalize (CLIP mean/std unless given, float32) of an RGB image: float32 [1, 3, H, W], same
+    float32 rounding as torchvision."""
     x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)
-    x = (x - CLIP_MEAN) / CLIP_STD
+    x = (x - mean) / std
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
