@@ -167,6 +167,13 @@ def test_image_encoder_matches_golden(ms_mode, encoder, golden):
     assert_close(encoder(pixels), golden["vit_embeds_wide"], FP32, f"vit_embeds ({ms_mode})")
 
 
+def test_image_encoder_fp16_compute(ms_mode, encoder, golden):
+    """fp32 weights, fp16 activations (weights cast per call) vs the fp32 golden: within fp16's bounds."""
+    out = encoder(ms.Tensor(golden["pixel_values_wide_max6"]).astype(ms.float16))
+    assert out.dtype == ms.float16
+    assert_close(out.astype(ms.float32), golden["vit_embeds_wide"], ("float32", "float16"), f"fp16 ({ms_mode})")
+
+
 def test_mlp1_alone_matches_golden(ms_mode, config, image_weights, golden):
     mlp1 = MLP1(config.projector_in, config.llm.hidden_size)
     load_weights(mlp1, DictSource(_strip(image_weights, "mlp1."), HF))
