@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, Mapping, Optional, Tuple
 
-from ms_xcomposer.config import ConfigError, LLMConfig, VisionConfig, _first, _rope_scaling
+from ms_xcomposer.config import ConfigError, LLMConfig, VisionConfig, first_id, rope_scaling_from_hf
 
 # transformers' defaults (LlamaConfig; CLIPVisionConfig as LlavaConfig builds it when vision_config is absent).
 LLAMA_DEFAULTS: Dict[str, object] = dict(
@@ -178,9 +178,9 @@ def _llm_config_from_hf(hf: Mapping[str, object], vocab_rows: int, hidden: int) 
         num_attention_heads=int(hf["num_attention_heads"]),
         num_key_value_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
         intermediate_size=int(hf["intermediate_size"]), vocab_size=vocab_rows, rms_norm_eps=float(hf["rms_norm_eps"]),
-        rope_theta=float(hf["rope_theta"]), rope_scaling=_rope_scaling(scaling),
+        rope_theta=float(hf["rope_theta"]), rope_scaling=rope_scaling_from_hf(scaling),
         max_position_embeddings=int(hf["max_position_embeddings"]), bos_token_id=int(hf.get("bos_token_id", 1)),
-        eos_token_id=_first(hf.get("eos_token_id", 2)), pad_token_id=int(hf.get("pad_token_id") or 0),
+        eos_token_id=first_id(hf.get("eos_token_id", 2)), pad_token_id=int(hf.get("pad_token_id") or 0),
     )
 
 
