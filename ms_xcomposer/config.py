@@ -91,10 +91,10 @@ def llm_config_from_hf(hf_config: Mapping[str, object], vocab_rows: int, hidden:
         vocab_size=int(vocab_rows),
         rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-5)),
         rope_theta=float(hf_config.get("rope_theta", 10000.0)),
-        rope_scaling=_rope_scaling(hf_config.get("rope_scaling")),
+        rope_scaling=rope_scaling_from_hf(hf_config.get("rope_scaling")),
         max_position_embeddings=int(hf_config.get("max_position_embeddings", 2048)),
         bos_token_id=int(hf_config.get("bos_token_id", 1)),
-        eos_token_id=_first(hf_config.get("eos_token_id", 2)),
+        eos_token_id=first_id(hf_config.get("eos_token_id", 2)),
         pad_token_id=int(hf_config.get("pad_token_id", 2) or 0),
     )
     if llm.hidden_size != hidden:
@@ -102,7 +102,8 @@ def llm_config_from_hf(hf_config: Mapping[str, object], vocab_rows: int, hidden:
     return llm
 
 
-def _rope_scaling(value: object) -> Optional[Dict[str, object]]:
+def rope_scaling_from_hf(value: object) -> Optional[Dict[str, object]]:
+    """The `rope_scaling` of an HF config.json ({"type", "factor"}; dynamic or linear), or None; ConfigError else."""
     if not value:
         return None
     if not isinstance(value, Mapping) or value.get("type") not in ("dynamic", "linear"):
@@ -110,7 +111,7 @@ def _rope_scaling(value: object) -> Optional[Dict[str, object]]:
     return {"type": value["type"], "factor": float(value["factor"])}
 
 
-def _first(value: object) -> int:
+def first_id(value: object) -> int:
     return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
 
 

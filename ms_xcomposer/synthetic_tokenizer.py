@@ -70,14 +70,18 @@ def corpus(seed: int = 0, sentences: int = 3000) -> List[str]:
     return lines
 
 
-def train_sentencepiece(vocab_size: int, seed: int = 0) -> bytes:
-    """The serialized SentencePiece model (BPE, `vocab_size` pieces) trained on `corpus(seed)`."""
+def train_sentencepiece(vocab_size: int, seed: int = 0, **overrides: object) -> bytes:
+    """The serialized SentencePiece model (BPE, `vocab_size` pieces) trained on `corpus(seed)`.
+
+    `overrides` replace entries of TRAINER_OPTIONS, for other tokenizer structures (e.g. LLaMA's: a dummy
+    prefix and no user-defined pieces, `add_dummy_prefix=True, user_defined_symbols=[]`).
+    """
     import sentencepiece as spm
 
     out = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus(seed)), model_writer=out, vocab_size=vocab_size,
-                                       minloglevel=2, **TRAINER_OPTIONS)
+                                       minloglevel=2, **{**TRAINER_OPTIONS, **overrides})
     except RuntimeError as e:  # e.g. fewer pieces than the 3 specials + 2 marks + 256 bytes + corpus characters
         reason = str(e).strip().splitlines()[0]
         raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on the demo corpus: {reason}") from None

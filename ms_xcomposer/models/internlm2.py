@@ -12,13 +12,13 @@ share one graph whose sequence and capacity dimensions are dynamic.
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import mindspore as ms
 from mindspore import nn, ops
 
 from ms_xcomposer.config import NO_PLORA, PLORA_LINEARS, LLMConfig, PLoRAConfig
+from ms_xcomposer.models.attention import CachedAttention
 from ms_xcomposer.models.layers import zeros_param
 from ms_xcomposer.models.plora import PLoRALinear
 
@@ -52,11 +52,6 @@ class Embedding(nn.Cell):
         return ops.gather(self.weight, ids, 0).astype(compute_dtype)
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return ops.cat((-x[..., half:], x[..., :half]), -1)
-
-
 class InternLM2Attention(nn.Cell):
     """Grouped-query attention with the fused, KV-head-grouped `wqkv` and the output projection `wo`."""
 
@@ -69,12 +64,7 @@ class InternLM2Attention(nn.Cell):
                                 task_adapters, task_rank, dtype)
         self.wo = PLoRALinear(cfg.hidden_size, cfg.hidden_size, plora["wo"].rank, plora["wo"].alpha,
                               task_adapters, task_rank, dtype)
-        self.inv_sqrt_d = 1.0 / math.sqrt(self.head_dim)
-        # Batched products with the transpose as a flag: `keys.swapaxes(-1, -2)` copied the whole key cache
-        # every step (CPU Transpose kernel), and `ops.matmul` adds a BroadcastTo in GRAPH mode.
-        self.bmm_nt = ops.BatchMatMul(transpose_b=True)
-        self.bmm = ops.BatchMatMul()
-        self.bias_add = ops.BiasAdd()
+        self.attend = CachedAttention(self.head_dim)
 
     def construct(self, x, im_mask, cos, sin, positions, bias, k_cache, v_cache, use_plora, infer_mode):
         """x [B,S,H]; cos/sin [S,D]; positions [S] int32; bias [S,C] float32; caches [B,KV,C,D].
@@ -87,18 +77,7 @@ class InternLM2Attention(nn.Cell):
         q = qkv[:, :, :, :g].transpose(0, 2, 3, 1, 4)  # [B, KV, G, S, D]; head index = kv * G + g
         k = qkv[:, :, :, g].transpose(0, 2, 1, 3)  # [B, KV, S, D]
         v = qkv[:, :, :, g + 1].transpose(0, 2, 1, 3)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        index = ops.broadcast_to(positions.reshape(1, 1, -1, 1), k.shape)
-        k_cache = ops.tensor_scatter_elements(k_cache, index, k.astype(k_cache.dtype), axis=2)
-        v_cache = ops.tensor_scatter_elements(v_cache, index, v.astype(v_cache.dtype), axis=2)
-        keys, values = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
-        scores = self.bmm_nt(q.reshape(b, kv, g * s, d), keys) * self.inv_sqrt_d
-        # The [S, C] bias is added to each (batch, head) block as a BiasAdd over the flattened [S * C] axis:
-        # MindSpore's CPU broadcasting Add runs single-threaded, 10x slower on prefill-sized scores.
-        scores = self.bias_add(scores.astype(ms.float32).reshape(b * kv * g, -1), bias.reshape(-1))
-        probs = ops.softmax(scores.reshape(b, kv, g * s, -1), -1).astype(x.dtype)
-        out = self.bmm(probs, values).reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, -1)
+        out, k_cache, v_cache = self.attend(q, k, v, cos, sin, positions, bias, k_cache, v_cache)
         return self.wo(out, im_mask, use_plora, infer_mode), k_cache, v_cache
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 from ms_xcomposer.models.xcomposer2.config import DEFAULT_META_INSTRUCTION, VariantSpec
+from ms_xcomposer.prompt_checks import History, PromptError, check_history, check_text  # noqa: F401 (PromptError: this module's API)
 from ms_xcomposer.models.xcomposer2.config import variant_spec as variant_spec_of
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
@@ -45,11 +46,6 @@ DEFAULT_MAX_LENGTH = {"ixc2-vl": 4096, "ixc2-4khd": 16384, "ixc2.5": 16384}
 # Variants whose official chat raises when the prompt has no `<ImageHere>` for a single image.
 _PLACEHOLDER_REQUIRED = frozenset({"ixc2-4khd"})
 
-History = Sequence[Tuple[str, str]]
-
-
-class PromptError(ValueError):
-    """The query, history and images cannot form a valid prompt (e.g. placeholder / image count mismatch)."""
 
 
 @dataclass(frozen=True)
@@ -72,9 +68,9 @@ Piece = Union[TextPiece, ImageSlot]
 
 def conversation_text(query: str, history: History = (), meta_instruction: str = "") -> str:
     """The official template: optional system turn, the history turns, the query turn, the assistant header."""
-    _check_text(query, "query")
+    check_text(query, "query")
     prompt = f"{TURN_START}system\n{meta_instruction}{TURN_END}\n" if meta_instruction else ""
-    for turn in _check_history(history):
+    for turn in check_history(history):
         prompt += (f"{TURN_START}user\n{turn[0]}{TURN_END}\n"
                    f"{TURN_START}assistant\n{turn[1]}{TURN_END}\n")
     return prompt + f"{TURN_START}user\n{query}{TURN_END}\n{TURN_START}assistant\n"
@@ -84,7 +80,7 @@ def effective_meta(spec: VariantSpec, use_meta: bool, meta_instruction: Optional
     """The system text actually sent: always for VL / 4KHD, with `use_meta` for IXC-2.5 ('' = none)."""
     if meta_instruction is None:
         return ""
-    _check_text(meta_instruction, "meta_instruction")
+    check_text(meta_instruction, "meta_instruction")
     return meta_instruction if (spec.meta_always or use_meta) else ""
 
 
@@ -179,21 +175,3 @@ def kept_length(piece_lengths: Sequence[int], max_length: int) -> int:
                   "official code does. Use fewer or smaller images (hd_num) or a larger max_length.",
                   stacklevel=2)
     return max_length
-
-
-def _check_text(value: object, what: str) -> None:
-    if not isinstance(value, str):
-        raise PromptError(f"{what} must be a str, got {type(value).__name__}")
-
-
-def _check_history(history: History) -> List[Tuple[str, str]]:
-    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
-        raise PromptError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
-    turns = []
-    for i, turn in enumerate(history):
-        if isinstance(turn, (str, bytes)) or not isinstance(turn, Sequence) or len(turn) != 2:
-            raise PromptError(f"history[{i}] must be a (query, response) pair, got {turn!r:.80}")
-        _check_text(turn[0], f"history[{i}][0]")
-        _check_text(turn[1], f"history[{i}][1]")
-        turns.append((turn[0], turn[1]))
-    return turns

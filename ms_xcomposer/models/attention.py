@@ -1,0 +1,54 @@
+"""The attention core shared by the decoders: rotary embedding, KV-cache write, grouped scores with an additive
+bias, softmax, weighted values. Projections stay in each model (InternLM2's fused `wqkv`, LLaMA's q/k/v).
+
+Queries come grouped per KV head, [B, KV, G, S, D] with query head index kv * G + g: the order both InternLM2
+(its fused `wqkv` is laid out per KV head) and LLaMA / HF `repeat_kv` (query heads in order, each run of G
+heads sharing one KV head) use. Keys and values are [B, KV, S, D]; the caches [B, KV, capacity, D].
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import nn, ops
+
+
+def rotate_half(x):
+    """[x1, x2] -> [-x2, x1] over the last axis (the rotary embedding's pairing of the two halves)."""
+    half = x.shape[-1] // 2
+    return ops.cat((-x[..., half:], x[..., :half]), -1)
+
+
+class CachedAttention(nn.Cell):
+    """Parameter-free attention over an explicit KV cache; see `construct`."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.inv_sqrt_d = 1.0 / math.sqrt(head_dim)
+        # Batched products with the transpose as a flag: `keys.swapaxes(-1, -2)` copied the whole key cache
+        # every step (CPU Transpose kernel), and `ops.matmul` adds a BroadcastTo in GRAPH mode.
+        self.bmm_nt = ops.BatchMatMul(transpose_b=True)
+        self.bmm = ops.BatchMatMul()
+        self.bias_add = ops.BiasAdd()
+
+    def construct(self, q, k, v, cos, sin, positions, bias, k_cache, v_cache):
+        """q [B,KV,G,S,D], k/v [B,KV,S,D] (before RoPE); cos/sin [S,D]; positions [S] int32; bias [S,C] float32
+        (0 visible, -1e30 hidden); caches [B,KV,C,D].
+
+        Returns (out [B, S, KV*G*D] with heads in order kv * G + g, k_cache, v_cache), the S new keys/values
+        written at `positions`. Scores and softmax run in float32.
+        """
+        b, kv, g, s, d = q.shape
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        index = ops.broadcast_to(positions.reshape(1, 1, -1, 1), k.shape)
+        k_cache = ops.tensor_scatter_elements(k_cache, index, k.astype(k_cache.dtype), axis=2)
+        v_cache = ops.tensor_scatter_elements(v_cache, index, v.astype(v_cache.dtype), axis=2)
+        keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        scores = self.bmm_nt(q.reshape(b, kv, g * s, d), keys) * self.inv_sqrt_d
+        # The [S, C] bias is added to each (batch, head) block as a BiasAdd over the flattened [S * C] axis:
+        # MindSpore's CPU broadcasting Add runs single-threaded, 10x slower on prefill-sized scores.
+        scores = self.bias_add(scores.astype(ms.float32).reshape(b * kv * g, -1), bias.reshape(-1))
+        probs = ops.softmax(scores.reshape(b, kv, g * s, -1), -1).astype(q.dtype)
+        out = self.bmm(probs, values).reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, -1)
+        return out, k_cache, v_cache
