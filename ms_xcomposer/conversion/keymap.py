@@ -201,5 +201,5 @@ def plan_hf_to_ms(shapes: Mapping[str, Sequence[int]], required: Mapping[str, Tu
         if TRANSFORMS[m.rule.transform].forward_shape(found) != expected:
             plan.shape_errors.append((name, expected, found))
         plan.mapped.append(m)
-    plan.missing = sorted(set(required) - seen)
+    plan.missing = sorted(set(required) - set(seen))
     return plan

@@ -125,9 +125,7 @@ class LlavaForConditionalGeneration(CausalLM):
         ids = _ids(input_ids)
         image_token = self.config.image_token_index
         n_tokens = int((ids == image_token).sum())
-        if pixel_values is None:
-            if n_tokens:
-                raise ValueError(f"input_ids hold {n_tokens} image tokens ({image_token}) but no pixel_values")
+        if pixel_values is None:  # image tokens, if any, stay token embeddings, as in transformers
             return self.embed_tokens(ids)
         features = self.get_image_features(pixel_values)
         n_images, per_image, hidden = (int(d) for d in features.shape)
