@@ -49,7 +49,8 @@ def tiny_llava_config(kv_heads: int = 2, feature_layer: int = -2, strategy: str 
 
     text = dict(vocab_size=SPM_VOCAB + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512, rms_norm_eps=1e-5,
-                rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=SPM_VOCAB + 1)
+                rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+                pad_token_id=SPM_VOCAB + 1)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                   image_size=IMAGE_SIZE, patch_size=14)
     return transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=SPM_VOCAB,

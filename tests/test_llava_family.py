@@ -73,6 +73,13 @@ def _hf_generate(ref, inputs, **kwargs):
         return ref.generate(**inputs, do_sample=False, **kwargs).numpy()
 
 
+def _hf_answer(ref, hf_processor, image, text: str, max_new_tokens: int) -> str:
+    """transformers' greedy answer to `text` about `image`: the new tokens decoded without special tokens."""
+    inputs = hf_processor(images=image, text=text, return_tensors="pt")
+    ids = _hf_generate(ref, inputs, max_new_tokens=max_new_tokens)
+    return hf_processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 # ---- parity with transformers ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
@@ -141,18 +148,14 @@ def test_chat_is_transformers_greedy_answer(checkpoints, case):
     model, processor = load(ms_dir)
     image = _image(4)
     response, history = chat(model, processor, QUERY, images=[image], max_new_tokens=8)
-    ids = _hf_generate(ref, hf_processor(images=image, text=PROMPT, return_tensors="pt"), max_new_tokens=8)
-    assert response == hf_processor.tokenizer.decode(ids[0, -8:], skip_special_tokens=True)
+    assert response == _hf_answer(ref, hf_processor, image, PROMPT, 8)
     assert history == [(QUERY, response)]
     with stream_chat(model, processor, QUERY, images=[image], max_new_tokens=8) as stream:
         assert "".join(stream) == response
 
     second, _ = chat(model, processor, "And the colours?", images=[image], history=history, max_new_tokens=5)
     text = f"USER: <image>\n{QUERY} ASSISTANT: {response} USER: And the colours? ASSISTANT:"
-    ids = _hf_generate(ref, hf_processor(images=image, text=text, return_tensors="pt"), max_new_tokens=5)
-    new = ids[0, -5:]
-    assert second == hf_processor.tokenizer.decode(new[:list(new).index(2) + 1] if 2 in new else new,
-                                                   skip_special_tokens=True)
+    assert second == _hf_answer(ref, hf_processor, image, text, 5)
 
 
 # ---- conversion ------------------------------------------------------------------------------------------------
@@ -248,8 +251,24 @@ def test_cli_convert_info_chat(checkpoints, tmp_path):
     model, processor = load(ms_dir)
     expected, _ = chat(model, processor, QUERY, images=[image], max_new_tokens=6)
     assert done.stdout == expected + "\n"
-    ids = _hf_generate(ref, hf_processor(images=Image.open(image), text=PROMPT, return_tensors="pt"),
-                       max_new_tokens=6)
-    assert expected == hf_processor.tokenizer.decode(ids[0, -6:], skip_special_tokens=True)
+    assert expected == _hf_answer(ref, hf_processor, Image.open(image), PROMPT, 6)
     refused = run_cli("chat", ms_dir, "--query", QUERY, "--hd-num", "4", "--max-new-tokens", "4")
     assert refused.returncode == 2 and "unknown LLaVA chat options ['hd_num']" in refused.stderr
+
+
+# ---- the example ---------------------------------------------------------------------------------------------
+def test_llava_chat_example(checkpoints, tmp_path, capsys):
+    """examples/llava_chat.py converts, then prints the chat answer and the transformers-style answer: both equal
+    transformers' greedy answer."""
+    import importlib.util
+
+    ref, hf_processor, hf, _ = checkpoints["mha-layer-1-full-tied-modules"]
+    image = str(tmp_path / "image.png")
+    _image(8).save(image)
+    spec = importlib.util.spec_from_file_location("example_llava_chat", os.path.join(ROOT, "examples", "llava_chat.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main([hf, str(tmp_path / "ms"), "--image", image, "--query", QUERY, "--max-new-tokens", "6"]) == 0
+    expected = _hf_answer(ref, hf_processor, Image.open(image), PROMPT, 6)
+    out = capsys.readouterr()
+    assert out.out == f"{expected}\n{expected}\n" and out.err.startswith("converted ")
