@@ -1,4 +1,4 @@
-"""Packaging for ms-xcomposer: a MindSpore port of InternLM-XComposer2 (VL, 4KHD, 2.5)."""
+"""Packaging for ms-xcomposer: a MindSpore port of InternLM-XComposer2 (VL, 4KHD, 2.5), and LLaVA-1.5."""
 from setuptools import find_packages, setup
 
 setup(
@@ -15,6 +15,7 @@ setup(
         "numpy<2",
         "pillow>=10.1",
         "sentencepiece",
+        "protobuf",  # llava-hf tokenizers (legacy=false) edit the SentencePiece normaliser, as transformers
         "safetensors",
         "ml_dtypes",
         "tqdm",

@@ -203,7 +203,7 @@ class CausalLM(nn.Cell):
         """
         from ms_xcomposer.conversion.readers import open_checkpoint
         from ms_xcomposer.generation import GenerationConfig
-        from ms_xcomposer.weights import load_weights
+        from ms_xcomposer.weights import load_weights, renamed_source
 
         with open_checkpoint(path) as reader:
             family = reader.family
@@ -215,7 +215,10 @@ class CausalLM(nn.Cell):
                     reader.dtype(k) == "bfloat16" for k in reader.keys()):
                 target = compute
             model = family.model_class()(reader.config, dtype=target or ms.float32, compute_dtype=compute)
-            load_weights(model, reader, dtype=target, skip=family.keys.is_dropped)
+            # an HF directory read directly: its names through the family's key table, as conversion renames them
+            source = reader if reader.kind == "ms" else renamed_source(
+                reader, family.keys, {n: tuple(p.shape) for n, p in model.parameters_and_names()})
+            load_weights(model, source, dtype=target, skip=family.keys.is_dropped)
         model.generation_config = GenerationConfig.from_pretrained(path)
         return model
 

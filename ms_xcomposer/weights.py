@@ -42,6 +42,37 @@ class DictSource:
         return self.tensors[key]
 
 
+class RenamedSource:
+    """`source`'s tensors under the model's parameter names: an HF directory read directly through the family's
+    key table (`renamed_source`)."""
+
+    def __init__(self, source: TensorSource, names: Mapping[str, str]):
+        self.source, self.names, self.path = source, dict(names), source.path
+
+    def keys(self):
+        return self.names.keys()
+
+    def shape(self, key):
+        return self.source.shape(self.names[key])
+
+    def read(self, key):
+        return self.source.read(self.names[key])
+
+
+def renamed_source(source, table, required: Mapping[str, tuple]) -> RenamedSource:
+    """An HF checkpoint (`source` with `shapes()`) seen with MindSpore names, as conversion would name them
+    (`conversion.keymap.plan_hf_to_ms` with the family's `table`): buffers and tied copies left out, unknown names
+    kept as they are (so `load_weights` reports them). Two tensors for one parameter raise WeightsError."""
+    from ms_xcomposer.conversion.keymap import plan_hf_to_ms
+
+    plan = plan_hf_to_ms(source.shapes(), required, table)
+    if plan.duplicates:
+        target, first, second = plan.duplicates[0]
+        raise WeightsError(f"checkpoint {source.path}: tensors {first!r} and {second!r} are both parameter "
+                           f"{target!r} (mixed key layouts?)")
+    return RenamedSource(source, {**{n: n for n in plan.unknown}, **{m.target: m.source for m in plan.mapped}})
+
+
 def load_weights(model: nn.Cell, source: TensorSource, dtype: Optional[ms.dtype] = None,
                  skip: Optional[Callable[[str], bool]] = None) -> None:
     """Set every Parameter of `model` from `source`, bit-exactly unless `dtype` asks for a conversion.

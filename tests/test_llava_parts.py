@@ -30,9 +30,9 @@ from ms_xcomposer.models.llava.processing import PREPROCESSOR_CONFIG, LlavaImage
 from ms_xcomposer.models.llava.prompt import (PromptError, conversation_messages, conversation_text,  # noqa: E402
                                               num_image_tokens, prompt_ids, render_messages)
 from ms_xcomposer.models.llava.tokenizer import LlamaTokenizer  # noqa: E402
-from ms_xcomposer.synthetic_tokenizer import train_sentencepiece  # noqa: E402
 from ms_xcomposer.tokenizer import TokenizerError  # noqa: E402
 from PIL import Image  # noqa: E402
+from helpers_llava import SPM_VOCAB, write_llama_tokenizer  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 FP32 = ("float32", "float32")
@@ -186,6 +186,16 @@ def test_pixels_equal_clip_image_processor(clip_processor, width, height, mode):
         np.testing.assert_array_equal(ours, clip_processor(img, return_tensors="np")["pixel_values"])
 
 
+def test_pixels_with_other_mean_and_std(tmp_path):
+    """A preprocessor_config.json with its own image_mean / image_std: the same bits as CLIPImageProcessor's."""
+    ref = transformers.CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                          resample=3, image_mean=[0.5, 0.25, 0.1], image_std=[0.2, 0.3, 0.7])
+    ref.save_pretrained(str(tmp_path))
+    img = _image(500, 375, "RGB", 5)
+    np.testing.assert_array_equal(LlavaImageProcessor.from_pretrained(str(tmp_path))(img),
+                                  ref(img, return_tensors="np")["pixel_values"])
+
+
 def test_pixels_from_saved_processor_and_paths(clip_processor, tmp_path):
     """from_pretrained reads a preprocessor_config.json written by transformers; a list of a path and a PIL image
     gives the batch transformers gives; bad settings name the file and field."""
@@ -198,7 +208,7 @@ def test_pixels_from_saved_processor_and_paths(clip_processor, tmp_path):
 
     cfg = json.loads((tmp_path / PREPROCESSOR_CONFIG).read_text())
     for key, value, needle in (("do_center_crop", False, "do_center_crop"), ("resample", 2, "resample"),
-                               ("image_mean", [0.5, 0.5, 0.5], "image_mean"),
+                               ("image_mean", [0.5, 0.5], "image_mean"), ("image_std", [0.5, 0.0, 0.5], "image_std"),
                                ("crop_size", {"height": 400, "width": 400}, "larger than")):
         (tmp_path / PREPROCESSOR_CONFIG).write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(ConfigError, match=needle) as err:
@@ -207,39 +217,11 @@ def test_pixels_from_saved_processor_and_paths(clip_processor, tmp_path):
 
 
 # ---- the LLaMA tokenizer against transformers' slow LlamaTokenizer ---------------------------------------------
-SPM_VOCAB = 400  # <image> = 400, <pad> = 401 (32000 / 32001 in llava-hf)
 TEXTS = [
     "USER: <image>\nWhat is shown in this image? ASSISTANT:", "<image>hello", "hello  world\n\n  x  ", "你好，请描述这张图片。",
     "", " ", "▁a ▁", "a<image><image>b <pad> </s>x", "  leading spaces", "The 2024 dog</s><s>", "Describe 天空 (sky)!",
     "\n<image>\n", "<unk> tail",
 ]
-
-
-def _token_entry(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-            "special": True}
-
-
-def write_llama_tokenizer(dst, legacy: bool, extra_special: bool = False) -> str:
-    """A llava-hf-style tokenizer directory: LLaMA's SentencePiece structure (BPE, dummy prefix, byte fallback) at
-    400 pieces, tokenizer_config.json as llava-1.5-7b-hf's (legacy false, <image> and <pad> added, pad <pad>)."""
-    os.makedirs(dst, exist_ok=True)
-    with open(os.path.join(dst, "tokenizer.model"), "wb") as f:
-        f.write(train_sentencepiece(SPM_VOCAB, add_dummy_prefix=True, user_defined_symbols=[]))
-    decoder = {"0": _token_entry("<unk>"), "1": _token_entry("<s>"), "2": _token_entry("</s>"),
-               str(SPM_VOCAB): _token_entry("<image>"), str(SPM_VOCAB + 1): _token_entry("<pad>")}
-    config = {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder, "bos_token": "<s>",
-              "clean_up_tokenization_spaces": False, "eos_token": "</s>", "legacy": legacy,
-              "model_max_length": 1000000000000000019884624838656, "pad_token": "<pad>", "padding_side": "left",
-              "processor_class": "LlavaProcessor", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
-              "unk_token": "<unk>", "use_default_system_prompt": False}
-    if extra_special:
-        config["extra_special_tokens"] = {"image_token": "<image>"}
-    with open(os.path.join(dst, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f)
-    return str(dst)
-
-
 TOKENIZER_VARIANTS = {"llava-hf": dict(legacy=False), "image-token-special": dict(legacy=False, extra_special=True),
                       "legacy": dict(legacy=True)}
 

@@ -80,6 +80,9 @@ def _check_plan(reader: CheckpointReader, plan: keymap.Plan) -> None:
     if plan.unknown:
         problems.append(f"{len(plan.unknown)} tensors are not parameters of this {reader.family.name} model: "
                         f"{_names(plan.unknown)}; pass --keep-unknown to keep them under their own names")
+    for target, first, second in plan.duplicates:
+        problems.append(f"tensors {first!r} and {second!r} are both parameter {target!r} (the checkpoint mixes "
+                        "two key layouts, or repeats a tensor)")
     for name, expected, found in plan.shape_errors:
         problems.append(f"{reader.info(name).file}: tensor {name!r} has shape {list(found)}, but the config "
                         f"({layout.CONFIG} + inferred vision tower) expects {list(expected)}")

@@ -9,7 +9,10 @@ so a name maps forward and back by swapping them. A rule's `kind` says what happ
   unchanged). Where the Cells mirror the HF module tree the rule maps a name to itself;
 - "task_adapter": an optional group of parameters (IXC-2.5's `lora_{web,sft,dpo}_{A,B}`), kept unless
   conversion drops them;
-- "drop": a buffer that is not a weight (`rotary_emb.inv_freq`, CLIP `position_ids`), dropped with its reason.
+- "drop": a buffer that is not a weight (`rotary_emb.inv_freq`, CLIP `position_ids`), dropped with its reason;
+- "tied": a parameter only when the model has it; a model whose Cells share it with another parameter (an output
+  head tied to the token embedding) has none, and the tensor is dropped with the rule's reason, as transformers
+  ignores it when tying.
 
 A name no rule matches is unknown. Which parameters a model has, with their shapes, comes from the family's
 Cells (`Family.parameter_shapes`), never from a second table, so the converter and the model cannot disagree.
@@ -22,7 +25,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-PARAM, TASK_ADAPTER, DROP = "param", "task_adapter", "drop"
+PARAM, TASK_ADAPTER, DROP, TIED = "param", "task_adapter", "drop", "tied"
 
 
 def _same_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -159,6 +162,7 @@ class Plan:
     dropped: List[Tuple[str, str]] = field(default_factory=list)  # (source name, reason)
     unknown: List[str] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)  # required target names absent from the source
+    duplicates: List[Tuple[str, str, str]] = field(default_factory=list)  # (target, first source, second source)
     shape_errors: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
 
 
@@ -169,12 +173,14 @@ def plan_hf_to_ms(shapes: Mapping[str, Sequence[int]], required: Mapping[str, Tu
 
     Unknown names are those no rule matches and those that match a rule but are no parameter of this model
     (e.g. a layer index past num_hidden_layers). With `keep_unknown` they are kept under their own names.
+    Two source names mapping to one parameter (a table with two layouts, a checkpoint mixing them) are listed
+    in `duplicates`.
     """
     plan = Plan()
-    seen = set()
+    seen: Dict[str, str] = {}
     for name in shapes:
         m = table.match_hf(name)
-        if m is not None and m.rule.kind == DROP:
+        if m is not None and (m.rule.kind == DROP or (m.rule.kind == TIED and m.target not in required)):
             plan.dropped.append((name, m.rule.reason))
             continue
         if m is None or m.target not in required:
@@ -183,7 +189,10 @@ def plan_hf_to_ms(shapes: Mapping[str, Sequence[int]], required: Mapping[str, Tu
             else:
                 plan.unknown.append(name)
             continue
-        seen.add(m.target)
+        if m.target in seen:
+            plan.duplicates.append((m.target, seen[m.target], name))
+            continue
+        seen[m.target] = name
         if m.rule.kind == TASK_ADAPTER and not keep_task_adapters:
             plan.dropped.append((name, "task adapter dropped (--task-lora drop)"))
             continue
@@ -192,5 +201,5 @@ def plan_hf_to_ms(shapes: Mapping[str, Sequence[int]], required: Mapping[str, Tu
         if TRANSFORMS[m.rule.transform].forward_shape(found) != expected:
             plan.shape_errors.append((name, expected, found))
         plan.mapped.append(m)
-    plan.missing = sorted(set(required) - seen)
+    plan.missing = sorted(set(required) - set(seen))
     return plan

@@ -8,7 +8,8 @@ Converted directory (written by `convert`, read by `readers.open_checkpoint` and
                                              "total_size": tensor bytes}, "weight_map": {param: shard file}}
       mindspore_model-00001-of-0000N.ckpt  MindSpore protobuf checkpoints, `mindspore.load_checkpoint`-readable
                                            (or mindspore_model-0000i-of-0000N.safetensors with --format)
-      tokenizer.model, tokenizer_config.json, special_tokens_map.json, added_tokens.json, generation_config.json
+      tokenizer.model, tokenizer_config.json, special_tokens_map.json, added_tokens.json, generation_config.json,
+      preprocessor_config.json, processor_config.json, chat_template.json
                                            (those the source has; tokenizer.json too)
       conversion_report.json               source files (bytes, sha256), options, every tensor (source name,
                                            dtypes, shape, shard), dropped / renamed / kept-unknown with reasons
@@ -39,6 +40,8 @@ HF_BIN_STEM = "pytorch_model"
 TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.json", "generation_config.json",
+    # image processor and processor settings, chat template (llava-hf)
+    "preprocessor_config.json", "processor_config.json", "chat_template.json",
 )
 
 MS_SECTION = "ms_xcomposer"

@@ -4,8 +4,11 @@
 `pre_layrnorm` (sic), `encoder.layers.N`, `post_layernorm` (loaded, never applied). Held by the XComposer2
 model as `vit`, the parameter names are the checkpoint keys `vit.vision_tower.vision_model.*`.
 
-The output is XComposer2's image feature: the last encoder layer's hidden state with the class token
-dropped and no post-LayerNorm (HF `hidden_states[-1][:, 1:]`).
+The output is an image feature: by default XComposer2's, the last encoder layer's hidden state with the class
+token dropped and no post-LayerNorm (HF `hidden_states[-1][:, 1:]`). Two options of `CLIPVisionModel` /
+`VisionTower` give LLaVA's: `feature_layer` (the index into HF's hidden states: 0 the embeddings after
+`pre_layrnorm`, i the output of layer i, negative from the end; the layers after it are not run) and
+`keep_class_token` (LLaVA's "full" select strategy; "default" drops it).
 
 Dtypes: weights keep their stored dtype (fp32, fp16, bf16); activations are computed in the dtype of the
 `pixel_values` given to `construct` (fp32 or fp16 on CPU), weights being cast per call. LayerNorm and the
@@ -169,15 +172,18 @@ class CLIPEncoderLayer(nn.Cell):
 
 
 class CLIPEncoder(nn.Cell):
-    def __init__(self, config: VisionConfig, dtype=ms.float32):
+    """The encoder layers; only the first `run_layers` (default: all) run, the others are loaded and unused."""
+
+    def __init__(self, config: VisionConfig, dtype=ms.float32, run_layers: Optional[int] = None):
         super().__init__()
         self.layers = nn.CellList([CLIPEncoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
+        self.run_layers = config.num_hidden_layers if run_layers is None else run_layers
 
     def construct(self, x, output_hidden_states: bool = False):
-        """Returns (last hidden state, hidden states) with hidden states = (input, layer 1 .. layer L) or ()."""
+        """Returns (last hidden state run, hidden states) with hidden states = (input, layer 1 .. layer n) or ()."""
         states = (x,)
-        for layer in self.layers:
-            x = layer(x)
+        for i in range(self.run_layers):
+            x = self.layers[i](x)
             if output_hidden_states:
                 states = states + (x,)
         if output_hidden_states:
@@ -186,11 +192,12 @@ class CLIPEncoder(nn.Cell):
 
 
 class CLIPVisionTransformer(nn.Cell):
-    def __init__(self, config: VisionConfig, dtype=ms.float32, post_layernorm: bool = True):
+    def __init__(self, config: VisionConfig, dtype=ms.float32, post_layernorm: bool = True,
+                 run_layers: Optional[int] = None):
         super().__init__()
         self.embeddings = CLIPVisionEmbeddings(config, dtype)
         self.pre_layrnorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
-        self.encoder = CLIPEncoder(config, dtype)
+        self.encoder = CLIPEncoder(config, dtype, run_layers)
         # Loaded so checkpoints round-trip; XComposer2's features never go through it.
         self.post_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype) if post_layernorm else None
 
@@ -200,12 +207,27 @@ class CLIPVisionTransformer(nn.Cell):
 
 
 class CLIPVisionModel(nn.Cell):
-    def __init__(self, config: VisionConfig, dtype=ms.float32, post_layernorm: bool = True):
+    """HF's CLIPVisionModel tree (`vision_model.*`), returning (features, hidden states).
+
+    feature_layer: which hidden state the features are (see the module doc; default -1, the last layer);
+    keep_class_token: keep its class-token row (default False: dropped).
+    """
+
+    def __init__(self, config: VisionConfig, dtype=ms.float32, post_layernorm: bool = True, feature_layer: int = -1,
+                 keep_class_token: bool = False):
         super().__init__()
-        self.vision_model = CLIPVisionTransformer(config, dtype, post_layernorm)
+        layers = config.num_hidden_layers
+        if not -(layers + 1) <= feature_layer <= layers:
+            raise ValueError(f"feature_layer {feature_layer} out of range for a tower of {layers} layers")
+        self.keep_class_token = keep_class_token
+        self.vision_model = CLIPVisionTransformer(config, dtype, post_layernorm, feature_layer % (layers + 1))
 
     def construct(self, pixel_values, pos_resize: Optional[PosResize] = None, output_hidden_states: bool = False):
-        return self.vision_model(pixel_values, pos_resize, output_hidden_states)
+        """(features [B, N or 1 + N, width], hidden states: HF's up to the feature layer, or ())."""
+        last, states = self.vision_model(pixel_values, pos_resize, output_hidden_states)
+        if self.keep_class_token:
+            return last, states
+        return last[:, 1:], states
 
 
 class VisionTower(nn.Cell):
@@ -215,12 +237,14 @@ class VisionTower(nn.Cell):
         config: the tower's `VisionConfig` (stored position grid = image_size // patch_size).
         dtype: storage dtype of the parameters (ms.float32, ms.float16 or ms.bfloat16).
         post_layernorm: whether the checkpoint has `post_layernorm.*` (False for IXC2-4KHD).
+        feature_layer, keep_class_token: as `CLIPVisionModel` (defaults: XComposer2's features).
     """
 
-    def __init__(self, config: VisionConfig, dtype=ms.float32, post_layernorm: bool = True):
+    def __init__(self, config: VisionConfig, dtype=ms.float32, post_layernorm: bool = True, feature_layer: int = -1,
+                 keep_class_token: bool = False):
         super().__init__()
         self.config = config
-        self.vision_tower = CLIPVisionModel(config, dtype, post_layernorm)
+        self.vision_tower = CLIPVisionModel(config, dtype, post_layernorm, feature_layer, keep_class_token)
         self._pos_resize_cache: Dict[Tuple[int, int], Optional[PosResize]] = {}
 
     def pos_resize(self, height: int, width: int) -> Optional[PosResize]:
@@ -246,10 +270,10 @@ class VisionTower(nn.Cell):
 
         `pos_resize` must be `self.pos_resize(H, W)` (None when H, W give the stored grid). With
         `output_hidden_states=True` returns (features, hidden_states): HF's tuple of L + 1 tensors
-        [B, 1 + N, width] (pre_layrnorm output, then each layer's output, class token included).
+        [B, 1 + N, width] (pre_layrnorm output, then each layer's output, class token included; up to the
+        feature layer only).
         """
-        last, states = self.vision_tower(pixel_values, pos_resize, output_hidden_states)
-        features = last[:, 1:]
+        features, states = self.vision_tower(pixel_values, pos_resize, output_hidden_states)
         if output_hidden_states:
             return features, states
         return features

@@ -21,9 +21,9 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
-from ms_xcomposer.config import ConfigError, LLMConfig, VisionConfig, first_id, rope_scaling_from_hf
+from ms_xcomposer.config import ConfigError, LLMConfig, VisionConfig, llm_config_from_hf
 
 # transformers' defaults (LlamaConfig; CLIPVisionConfig as LlavaConfig builds it when vision_config is absent).
 LLAMA_DEFAULTS: Dict[str, object] = dict(
@@ -44,6 +44,7 @@ SELECT_STRATEGIES = ("default", "full")  # "default" drops the class token of th
 PROJECTOR_ACTS = ("gelu",)  # exact (erf) GELU, transformers' ACT2FN["gelu"]
 
 PUBLISHED, MODULES = "published", "modules"
+EMBED_TOKENS = "language_model.model.embed_tokens.weight"  # published name
 # (modules-layout prefix, published prefix), most specific first: each name is renamed by its first match.
 LAYOUT_PREFIXES: Tuple[Tuple[str, str], ...] = (
     ("model.vision_tower.", "vision_tower."),
@@ -107,8 +108,11 @@ class LlavaConfig:
         return cls(vision=VisionConfig(**d.pop("vision")), llm=LLMConfig(**d.pop("llm")), **d)
 
     @classmethod
-    def from_hf(cls, hf_config: Mapping[str, object], where: str = "config.json") -> "LlavaConfig":
-        """From an llava-hf config.json dict; `where` names it in errors (e.g. the file's path)."""
+    def from_hf(cls, hf_config: Mapping[str, object], where: str = "config.json",
+                embedding: Optional[Tuple[int, int]] = None) -> "LlavaConfig":
+        """From an llava-hf config.json dict; `where` names it in errors (e.g. the file's path). `embedding`: the
+        checkpoint's token-embedding shape (rows, width): the vocabulary is the table's, and a hidden_size that
+        contradicts it is refused (default: text_config's vocab_size and hidden_size)."""
         if not isinstance(hf_config, Mapping):
             raise ConfigError(f"{where}: expected a JSON object, found {type(hf_config).__name__}")
         text = _section(hf_config, "text_config", where)
@@ -127,8 +131,12 @@ class LlavaConfig:
         for key, want in (("hidden_act", "quick_gelu"), ("num_channels", 3)):
             if vision[key] != want:
                 raise ConfigError(f"{where}: vision_config.{key} {vision[key]!r} not supported; expected {want!r}")
+        scaling = text["rope_scaling"]
+        if isinstance(scaling, Mapping) and "type" not in scaling and "rope_type" in scaling:
+            text["rope_scaling"] = {"type": scaling["rope_type"], **scaling}  # transformers >= 4.45 writes rope_type
         try:
-            llm = _llm_config_from_hf(text, int(text["vocab_size"]), int(text["hidden_size"]))
+            rows, width = (int(text["vocab_size"]), int(text["hidden_size"])) if embedding is None else embedding
+            llm = llm_config_from_hf(text, rows, width)
             if text["head_dim"] is not None and int(text["head_dim"]) != llm.head_dim:
                 raise ConfigError(f"text_config.head_dim {text['head_dim']} is not hidden_size / num_attention_heads "
                                   f"= {llm.head_dim}")
@@ -153,6 +161,26 @@ class LlavaConfig:
             raise ConfigError(f"{where}: a field has the wrong type or value ({type(e).__name__}: {e})") from None
 
     @classmethod
+    def from_checkpoint(cls, hf_config: Mapping[str, object], shapes: Mapping[str, Sequence[int]],
+                        where: str = "config.json") -> "LlavaConfig":
+        """The family's `config_from_hf`: config.json fields and the checkpoint's {name: shape}. ConfigError when
+        the names mix the two key layouts or have no token embedding."""
+        layout = detect_layout(shapes)
+        embed = from_published(EMBED_TOKENS, layout)
+        if embed not in shapes:
+            raise ConfigError(f"checkpoint has no tensor {embed!r}, needed to read the vocabulary size")
+        rows, width = (int(d) for d in shapes[embed])
+        return cls.from_hf(hf_config, where, (rows, width))
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, object], path: str = "config.json") -> "LlavaConfig":
+        """The config the converter stored (the "ms_xcomposer" section of a converted config.json)."""
+        try:
+            return cls.from_dict({k: v for k, v in section.items() if k != "family"})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: malformed 'ms_xcomposer' section: {type(e).__name__}: {e}") from None
+
+    @classmethod
     def from_file(cls, path: str) -> "LlavaConfig":
         """From `path` (a config.json, or a directory holding one)."""
         if os.path.isdir(path):
@@ -165,23 +193,6 @@ class LlavaConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         return cls.from_hf(data, where=path)
-
-
-def _llm_config_from_hf(hf: Mapping[str, object], vocab_rows: int, hidden: int) -> LLMConfig:
-    """The decoder's LLMConfig from (defaulted) LlamaConfig fields. Same contract as `llm_config_from_hf(hf_config,
-    vocab_rows, hidden)` the lead is adding to ms_xcomposer.config: switch to it when that lands."""
-    scaling = hf.get("rope_scaling")
-    if isinstance(scaling, Mapping) and "type" not in scaling and "rope_type" in scaling:
-        scaling = {"type": scaling["rope_type"], **scaling}  # transformers >= 4.45 writes rope_type
-    return LLMConfig(
-        hidden_size=hidden, num_hidden_layers=int(hf["num_hidden_layers"]),
-        num_attention_heads=int(hf["num_attention_heads"]),
-        num_key_value_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-        intermediate_size=int(hf["intermediate_size"]), vocab_size=vocab_rows, rms_norm_eps=float(hf["rms_norm_eps"]),
-        rope_theta=float(hf["rope_theta"]), rope_scaling=rope_scaling_from_hf(scaling),
-        max_position_embeddings=int(hf["max_position_embeddings"]), bos_token_id=int(hf.get("bos_token_id", 1)),
-        eos_token_id=first_id(hf.get("eos_token_id", 2)), pad_token_id=int(hf.get("pad_token_id") or 0),
-    )
 
 
 def _section(hf_config: Mapping[str, object], key: str, where: str) -> Dict[str, object]:

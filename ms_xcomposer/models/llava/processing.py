@@ -11,7 +11,7 @@ For each image, as `CLIPImageProcessor.preprocess` does it on a PIL image:
    antialiasing filter): transformers' `image_transforms.resize` converts a uint8 array to PIL and back, so the
    result is PIL's uint8 image.
 3. Centre crop to crop_size: top = (h - crop_h) // 2, left = (w - crop_w) // 2 (`image_transforms.center_crop`).
-4. Rescale by 1/255 and normalise with the CLIP mean / std in float32. transformers computes
+4. Rescale by 1/255 and normalise with the config's mean / std (llava-hf: CLIP's) in float32. transformers computes
    float32(float64(x) * (1/255)), which equals float32(x) / float32(255) for every uint8 x, so the project's
    `normalize` gives the same bits.
 
@@ -51,7 +51,7 @@ class LlavaImageProcessor:
     """
 
     def __init__(self, shortest_edge: int = 336, crop_size: Tuple[int, int] = (336, 336), resample: int = BICUBIC,
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+                 max_pixels: int = MAX_IMAGE_PIXELS, mean: np.ndarray = CLIP_MEAN, std: np.ndarray = CLIP_STD) -> None:
         crop_h, crop_w = crop_size
         for name, value in (("shortest_edge", shortest_edge), ("crop height", crop_h), ("crop width", crop_w)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -61,13 +61,15 @@ class LlavaImageProcessor:
             raise ConfigError(f"crop_size {crop_h}x{crop_w} is larger than the resized shortest edge {shortest_edge}")
         self.shortest_edge, self.crop_size, self.resample = shortest_edge, (crop_h, crop_w), resample
         self.max_pixels = max_pixels
+        # float32, as transformers' normalize casts them to the image's dtype
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "LlavaImageProcessor":
         """From `path/preprocessor_config.json` (CLIPImageProcessor fields; missing ones take its defaults).
 
-        Settings this pipeline does not implement (a do_* flag off, another rescale factor or mean/std, a
-        fixed height/width resize) raise ConfigError naming the file and field.
+        Settings this pipeline does not implement (a do_* flag off, another rescale factor, a fixed
+        height/width resize) raise ConfigError naming the file and field; image_mean / image_std are used as given.
         """
         cfg_path = os.path.join(path, PREPROCESSOR_CONFIG) if os.path.isdir(path) else path
         if not os.path.isfile(cfg_path):
@@ -96,13 +98,16 @@ class LlavaImageProcessor:
             raise ConfigError(f"{cfg_path}: resample {cfg['resample']!r} not supported; expected {BICUBIC} (bicubic)")
         if not np.isclose(float(cfg["rescale_factor"]), 1 / 255, rtol=1e-9, atol=0):
             raise ConfigError(f"{cfg_path}: rescale_factor {cfg['rescale_factor']!r} not supported; expected 1/255")
-        # TODO(merge): ms_xcomposer.images.normalize(img, mean, std) takes the config's mean/std; drop this check then.
-        for key, want in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
-            if not np.array_equal(np.asarray(cfg[key], dtype=np.float32), want):
-                raise ConfigError(f"{cfg_path}: {key} {cfg[key]!r} not supported; expected the CLIP values "
-                                  f"{want.tolist()}")
+        stats = []
+        for key in ("image_mean", "image_std"):
+            value = np.asarray(cfg[key], dtype=np.float32) if isinstance(cfg[key], (list, tuple)) else None
+            if value is None or value.shape != (3,) or (key == "image_std" and not (value > 0).all()):
+                raise ConfigError(f"{cfg_path}: {key} {cfg[key]!r} not supported; expected 3 numbers (per RGB "
+                                  "channel)" + (", all positive" if key == "image_std" else ""))
+            stats.append(value)
         try:
-            return cls(size["shortest_edge"], (crop["height"], crop["width"]), BICUBIC, **kwargs)
+            return cls(size["shortest_edge"], (crop["height"], crop["width"]), BICUBIC, mean=stats[0], std=stats[1],
+                       **kwargs)
         except ConfigError as e:
             raise ConfigError(f"{cfg_path}: {e}") from None
 
@@ -121,7 +126,7 @@ class LlavaImageProcessor:
         img = img.resize(resize_shortest_edge(w, h, self.shortest_edge)[::-1], resample=self.resample)
         crop_h, crop_w = self.crop_size
         top, left = (img.height - crop_h) // 2, (img.width - crop_w) // 2
-        return normalize(img.crop((left, top, left + crop_w, top + crop_h)))
+        return normalize(img.crop((left, top, left + crop_w, top + crop_h)), self.mean, self.std)
 
     def load(self, image: ImageInput) -> Image.Image:
         """An RGB PIL image with transformers' RGB conversion (alpha dropped), size checks of `load_image`."""

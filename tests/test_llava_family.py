@@ -1,0 +1,274 @@
+"""The LLaVA-1.5 family end to end against transformers 4.57's own LlavaForConditionalGeneration / LlavaProcessor.
+
+Tiny random llava-hf checkpoints written by transformers (`helpers_llava`), in both key layouts, are converted,
+loaded and run in PyNative and GRAPH: processor outputs equal, logits allclose (fp32 tolerance of the project's
+table), greedy and beam-search tokens identical, chat / stream_chat / the CLI equal to transformers' greedy
+answer. Configs: GQA + feature layer -2 + "default" + untied head (published layout); MHA + feature layer -1 +
+"full" + tied head (module layout). Judges: transformers' model and processor, the source tensors (verify).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+from conftest import mindspore_mode  # noqa: E402
+from helpers_llava import IMAGE_SIZE, SPM_VOCAB, tiny_llava_config, write_tiny_llava  # noqa: E402
+from ms_xcomposer import chat, load, stream_chat  # noqa: E402
+from ms_xcomposer.config import ConfigError  # noqa: E402
+from ms_xcomposer.conversation import OptionError  # noqa: E402
+from ms_xcomposer.conversion.convert import convert, export_hf, verify  # noqa: E402
+from ms_xcomposer.conversion.keymap import plan_hf_to_ms  # noqa: E402
+from ms_xcomposer.families import family_named  # noqa: E402
+from ms_xcomposer.models.llava.keys import KEYS  # noqa: E402
+from tolerances import assert_close  # noqa: E402
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+FP32 = ("float32", "float32")
+PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+QUERY = "What is in the picture?"
+CASES = {
+    "gqa-layer-2-default-untied-published": (dict(kv_heads=2, feature_layer=-2, strategy="default", tied=False),
+                                             "published"),
+    "mha-layer-1-full-tied-modules": (dict(kv_heads=4, feature_layer=-1, strategy="full", tied=True), "modules"),
+}
+
+
+def _image(seed: int, size=(80, 100)) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{case: (transformers model, its LlavaProcessor, HF dir, converted dir)}."""
+    root = tmp_path_factory.mktemp("llava")
+    out = {}
+    for i, (name, (options, layout)) in enumerate(CASES.items()):
+        config = tiny_llava_config(**options)
+        ref, hf = write_tiny_llava(root / f"{name}-hf", config, layout, seed=i)
+        ms_dir = str(root / f"{name}-ms")
+        convert(hf, ms_dir)
+        processor = transformers.LlavaProcessor(
+            image_processor=transformers.CLIPImageProcessor.from_pretrained(hf),
+            tokenizer=transformers.LlamaTokenizer.from_pretrained(hf), patch_size=14,
+            vision_feature_select_strategy=options["strategy"], num_additional_image_tokens=1)
+        # LlavaProcessor takes the image id from encode("<image>")[0], the prefix "▁" with legacy=false tokenizers
+        # whose <image> is not special (as llava-hf's): its own count check then fails. The ids come from the tokenizer.
+        processor.image_token_id = SPM_VOCAB
+        out[name] = (ref, processor, hf, ms_dir)
+    return out
+
+
+def _hf_generate(ref, inputs, **kwargs):
+    with torch.no_grad():
+        return ref.generate(**inputs, do_sample=False, **kwargs).numpy()
+
+
+def _hf_answer(ref, hf_processor, image, text: str, max_new_tokens: int) -> str:
+    """transformers' greedy answer to `text` about `image`: the new tokens decoded without special tokens."""
+    inputs = hf_processor(images=image, text=text, return_tensors="pt")
+    ids = _hf_generate(ref, inputs, max_new_tokens=max_new_tokens)
+    return hf_processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ---- parity with transformers ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_logits_and_generation_equal_transformers(checkpoints, case, mode):
+    ref, hf_processor, _, ms_dir = checkpoints[case]
+    image = _image(1)
+    expected_inputs = hf_processor(images=image, text=PROMPT, return_tensors="pt")
+    with mindspore_mode(mode):
+        model, processor = load(ms_dir)
+        inputs = processor(images=image, text=PROMPT)
+        for key in ("input_ids", "attention_mask", "pixel_values"):
+            np.testing.assert_array_equal(inputs[key], expected_inputs[key].numpy(), err_msg=key)
+        logits = model(**inputs).logits
+        greedy = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        beams = model.generate(**inputs, max_new_tokens=6, num_beams=3, do_sample=False)
+        text_only = model.generate(**processor(text="USER: Hello ASSISTANT:"), max_new_tokens=6)
+    with torch.no_grad():
+        expected = ref(**expected_inputs).logits
+    assert logits.shape == tuple(expected.shape)
+    assert_close(logits, expected, FP32, f"LLaVA logits ({case}, {mode})")
+    assert greedy.tolist() == _hf_generate(ref, expected_inputs, max_new_tokens=8).tolist()
+    assert beams.tolist() == _hf_generate(ref, expected_inputs, max_new_tokens=6, num_beams=3).tolist()
+    assert text_only.tolist() == _hf_generate(ref, hf_processor(text="USER: Hello ASSISTANT:", return_tensors="pt"),
+                                              max_new_tokens=6).tolist()
+
+
+def test_two_images_and_a_batch_without_padding(checkpoints):
+    """Two images in one prompt fill their image tokens in order; a batch of two equal-length prompts (images in
+    order across the rows) gives transformers' logits row by row."""
+    ref, hf_processor, _, ms_dir = checkpoints["gqa-layer-2-default-untied-published"]
+    model, processor = load(ms_dir)
+    images = [_image(2), _image(3, (300, 60))]
+    for text in (["USER: <image>\n<image>\nCompare. ASSISTANT:"], ["USER: <image>\nA ASSISTANT:"] * 2):
+        inputs = processor(images=images, text=text)
+        expected_inputs = hf_processor(images=images, text=text, return_tensors="pt")
+        np.testing.assert_array_equal(inputs["input_ids"], expected_inputs["input_ids"].numpy())
+        with torch.no_grad():
+            expected = ref(**expected_inputs).logits
+        assert_close(model(**inputs).logits, expected, FP32, f"LLaVA logits {text}")
+
+
+def test_bad_inputs_are_refused(checkpoints):
+    _, _, _, ms_dir = checkpoints["gqa-layer-2-default-untied-published"]
+    model, processor = load(ms_dir)
+    inputs = processor(images=_image(1), text=PROMPT)
+    with pytest.raises(ValueError, match="Image features and image tokens do not match: 16 image tokens"):
+        model(input_ids=inputs["input_ids"], pixel_values=np.concatenate([inputs["pixel_values"]] * 2))
+    with pytest.raises(ValueError, match="padding"):
+        model(**{**inputs, "attention_mask": np.concatenate([[[0]], inputs["attention_mask"][:, 1:]], axis=1)})
+    with pytest.raises(ValueError, match="batch 1"):
+        model.generate(input_ids=np.concatenate([inputs["input_ids"]] * 2), max_new_tokens=2)
+    with pytest.raises(ValueError, match=f"pixel_values must be float \\[N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}\\]"):
+        model(input_ids=inputs["input_ids"], pixel_values=np.zeros((1, 3, 28, 28), np.float32))
+    with pytest.raises(ValueError, match="1 <image> token"):
+        processor(images=[_image(1), _image(2)], text=PROMPT)
+    with pytest.raises(OptionError, match=r"unknown LLaVA chat options \['hd_num'\]"):
+        chat(model, processor, QUERY, images=[_image(1)], hd_num=4)
+
+
+# ---- chat, stream_chat -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_chat_is_transformers_greedy_answer(checkpoints, case):
+    """chat's prompt is the llava-hf template, its answer transformers' greedy tokens decoded; stream_chat yields the
+    same text; a second turn goes after the first one's answer, the image staying in the first turn."""
+    ref, hf_processor, _, ms_dir = checkpoints[case]
+    model, processor = load(ms_dir)
+    image = _image(4)
+    response, history = chat(model, processor, QUERY, images=[image], max_new_tokens=8)
+    assert response == _hf_answer(ref, hf_processor, image, PROMPT, 8)
+    assert history == [(QUERY, response)]
+    with stream_chat(model, processor, QUERY, images=[image], max_new_tokens=8) as stream:
+        assert "".join(stream) == response
+
+    second, _ = chat(model, processor, "And the colours?", images=[image], history=history, max_new_tokens=5)
+    text = f"USER: <image>\n{QUERY} ASSISTANT: {response} USER: And the colours? ASSISTANT:"
+    assert second == _hf_answer(ref, hf_processor, image, text, 5)
+
+
+# ---- conversion ------------------------------------------------------------------------------------------------
+def test_both_layouts_convert_to_published_names_and_back(checkpoints, tmp_path):
+    """Both layouts give the same MindSpore names (the published ones); verify passes; export writes the published
+    layout; an HF directory in the module layout loads directly with the converted model's logits."""
+    published = json.load(open(os.path.join(checkpoints["gqa-layer-2-default-untied-published"][3],
+                                            "mindspore_model.index.json")))["weight_map"]
+    for case, (_, _, hf, ms_dir) in checkpoints.items():
+        names = json.load(open(os.path.join(ms_dir, "mindspore_model.index.json")))["weight_map"]
+        assert all(n.startswith(("vision_tower.vision_model.", "multi_modal_projector.linear_",
+                                 "language_model.model.", "language_model.lm_head.")) for n in names), case
+        assert verify(hf, ms_dir).ok
+    tied = json.load(open(os.path.join(checkpoints["mha-layer-1-full-tied-modules"][3], "mindspore_model.index.json")))
+    assert set(published) - set(tied["weight_map"]) == {"language_model.lm_head.weight"}  # the tied head shares
+    export_hf(checkpoints["mha-layer-1-full-tied-modules"][3], str(tmp_path / "back"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "back" / "model-00001-of-00001.safetensors"), "np") as f:
+        assert sorted(f.keys()) == sorted(tied["weight_map"])
+
+    ref, hf_processor, hf, ms_dir = checkpoints["mha-layer-1-full-tied-modules"]
+    inputs = load(ms_dir)[1](images=_image(5), text=PROMPT)
+    direct, _ = load(hf)
+    converted, _ = load(ms_dir)
+    np.testing.assert_array_equal(direct(**inputs).logits.asnumpy(), converted(**inputs).logits.asnumpy())
+
+
+def test_tied_head_stored_twice_is_dropped(tmp_path):
+    """A tied checkpoint saved as .bin carries the head under its own name too: dropped with the reason, as
+    transformers ignores it when tying; the converted model's logits are transformers'."""
+    config = tiny_llava_config(kv_heads=2, feature_layer=-2, strategy="default", tied=True)
+    ref, hf = write_tiny_llava(tmp_path / "hf", config)
+    ref.save_pretrained(hf, safe_serialization=False)
+    os.remove(os.path.join(hf, "model.safetensors"))
+    result = convert(hf, str(tmp_path / "ms"))
+    assert [n for n, _ in result.dropped] == ["language_model.lm_head.weight"]
+    assert "tied to the token embedding" in result.dropped[0][1]
+    model, processor = load(str(tmp_path / "ms"))
+    inputs = processor(images=_image(6), text=PROMPT)
+    with torch.no_grad():
+        expected = ref(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits
+    assert_close(model(**inputs).logits, expected, FP32, "tied LLaVA logits")
+
+
+def test_mixed_layouts_are_refused(checkpoints, tmp_path):
+    """A checkpoint naming tensors in both layouts is refused before anything is written (config inference, and the
+    plan: two names for one parameter)."""
+    from safetensors.numpy import load_file
+
+    _, _, hf, _ = checkpoints["gqa-layer-2-default-untied-published"]
+    state = load_file(os.path.join(hf, "model.safetensors"))
+    name = "language_model.model.norm.weight"
+    mixed = dict(state)
+    mixed["model.language_model.norm.weight"] = mixed.pop(name)
+    bad = tmp_path / "mixed"
+    bad.mkdir()
+    for f in os.listdir(hf):
+        if f != "model.safetensors":
+            (bad / f).write_bytes(open(os.path.join(hf, f), "rb").read())
+    save_file(mixed, str(bad / "model.safetensors"))
+    with pytest.raises(ConfigError, match="mixes the two llava-hf key layouts"):
+        convert(str(bad), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    family = family_named("llava")
+    shapes = {n: v.shape for n, v in state.items()}
+    shapes["model.language_model.norm.weight"] = state[name].shape
+    plan = plan_hf_to_ms(shapes, family.parameter_shapes(family.config_from_hf(json.load(
+        open(os.path.join(hf, "config.json"))), {n: v.shape for n, v in state.items()})), KEYS)
+    assert plan.duplicates == [(name, name, "model.language_model.norm.weight")]
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "ms_xcomposer", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+
+
+def test_cli_convert_info_chat(checkpoints, tmp_path):
+    ref, hf_processor, hf, _ = checkpoints["gqa-layer-2-default-untied-published"]
+    ms_dir = str(tmp_path / "ms")
+    done = run_cli("convert", hf, ms_dir)
+    assert done.returncode == 0, done.stderr
+    info = run_cli("info", ms_dir)
+    assert info.returncode == 0, info.stderr
+    assert "family: llava (LLaVA-1.5" in info.stdout and "feature layer -2, select 'default' (16 tokens" in info.stdout
+    assert "  vision tower" in info.stdout and "  projector" in info.stdout and "  language model" in info.stdout
+    image = str(tmp_path / "image.png")
+    _image(7).save(image)
+    done = run_cli("chat", ms_dir, "--query", QUERY, "--image", image, "--max-new-tokens", "6")
+    assert done.returncode == 0, done.stderr
+    model, processor = load(ms_dir)
+    expected, _ = chat(model, processor, QUERY, images=[image], max_new_tokens=6)
+    assert done.stdout == expected + "\n"
+    assert expected == _hf_answer(ref, hf_processor, Image.open(image), PROMPT, 6)
+    refused = run_cli("chat", ms_dir, "--query", QUERY, "--hd-num", "4", "--max-new-tokens", "4")
+    assert refused.returncode == 2 and "unknown LLaVA chat options ['hd_num']" in refused.stderr
+
+
+# ---- the example ---------------------------------------------------------------------------------------------
+def test_llava_chat_example(checkpoints, tmp_path, capsys):
+    """examples/llava_chat.py converts, then prints the chat answer and the transformers-style answer: both equal
+    transformers' greedy answer."""
+    import importlib.util
+
+    ref, hf_processor, hf, _ = checkpoints["mha-layer-1-full-tied-modules"]
+    image = str(tmp_path / "image.png")
+    _image(8).save(image)
+    spec = importlib.util.spec_from_file_location("example_llava_chat", os.path.join(ROOT, "examples", "llava_chat.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main([hf, str(tmp_path / "ms"), "--image", image, "--query", QUERY, "--max-new-tokens", "6"]) == 0
+    expected = _hf_answer(ref, hf_processor, Image.open(image), PROMPT, 6)
+    out = capsys.readouterr()
+    assert out.out == f"{expected}\n{expected}\n" and out.err.startswith("converted ")
