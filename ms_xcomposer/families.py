@@ -23,6 +23,7 @@ from ms_xcomposer.config import ConfigError
 # The built-in families: the modules that define FAMILY. A new family adds its line here.
 BUILTIN_FAMILIES = (
     "ms_xcomposer.models.xcomposer2",
+    "ms_xcomposer.models.internvl",
 )
 PLUGIN_ENV = "MS_XCOMPOSER_FAMILIES"  # comma-separated plug-in modules defining FAMILY
 ENTRY_POINT_GROUP = "ms_xcomposer.families"  # entry points naming such modules
