@@ -246,3 +246,46 @@ def test_cli_chat_equals_the_library_chat(converted, loaded, golden_chat):
     assert done.stdout == expected + "\n" == golden_chat["response"] + "\n"
     refused = run_cli("chat", converted, "--query", QUERY, "--hd-num", "4")
     assert refused.returncode == 2 and "unknown InternVL chat options ['hd_num']" in refused.stderr
+
+
+# ---- the example --------------------------------------------------------------------------------------------
+def test_example_gives_the_golden_answer(tmp_path, loaded, golden_chat, capsys):
+    """examples/internvl_chat.py converts, then chats (the library API, then the official model.chat)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example_internvl_chat",
+                                                  os.path.join(ROOT, "examples", "internvl_chat.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    ms_dir = str(tmp_path / "ms")
+    args = [HF, ms_dir, "--image", WIDE, "--query", QUERY, "--max-new-tokens", "12", "--follow-up", "More?"]
+    assert example.main(args) == 0
+    model, processor = loaded("pynative")
+    first, history = chat(model, processor, QUERY, [WIDE], max_new_tokens=12)
+    second, _ = chat(model, processor, "More?", [WIDE], history=history, max_new_tokens=12)
+    out = capsys.readouterr()
+    assert out.out == f"{golden_chat['response']}\n{second}\n" and first == golden_chat["response"]
+    assert out.err.startswith("converted 53 tensors")
+    assert example.main(args + ["--official"]) == 0
+    assert capsys.readouterr().out == f"{golden_chat['response']}\n{second}\n"  # the same prompt both ways
+
+
+def test_key_table_maps_every_parameter_of_both_flavours_to_itself():
+    """Each parameter name of the 6B (golden) and the 300M flavour matches exactly one rule, which keeps it."""
+    import dataclasses
+
+    from ms_xcomposer.families import family_named
+    from ms_xcomposer.models.internvl.config import InternVLConfig
+
+    family = family_named("internvl")
+    golden_cfg = InternVLConfig.from_file(HF)
+    ln = dataclasses.replace(golden_cfg, vision=dataclasses.replace(golden_cfg.vision, norm_type="layer_norm",
+                                                                     qk_normalization=False, qkv_bias=True))
+    for cfg in (golden_cfg, ln):
+        names = family.parameter_shapes(cfg)
+        for name in names:
+            matches = [r for r in family.keys.rules if r.to_ms(name) is not None]
+            assert len(matches) == 1 and matches[0].to_ms(name) == name, name
+    assert "vision_model.encoder.layers.0.attn.qkv.bias" in names and "vision_model.encoder.layers.0.norm1.bias" in names
+    assert family.keys.is_dropped("language_model.model.layers.3.attention.rotary_emb.inv_freq")
+    assert family.keys.match_hf("language_model.lm_head.weight") is None  # unknown: refused by the converter
