@@ -105,6 +105,13 @@ def test_convert_records_the_family_and_verifies(converted):
     assert verified.returncode == 0 and "OK" in verified.stdout, verified.stdout + verified.stderr
 
 
+def test_export_hf_gives_back_the_source(converted, tmp_path):
+    exported = run_cli("export-hf", converted, str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    verified = run_cli("verify", HF, str(tmp_path / "hf"))
+    assert verified.returncode == 0 and "OK: 53 tensors match, 0 differ" in verified.stdout, verified.stderr
+
+
 def test_info_describes_the_checkpoint(converted):
     done = run_cli("info", converted)
     assert done.returncode == 0, done.stderr
