@@ -253,6 +253,11 @@ def test_cli_chat_equals_the_library_chat(converted, loaded, golden_chat):
     assert done.stdout == expected + "\n" == golden_chat["response"] + "\n"
     refused = run_cli("chat", converted, "--query", QUERY, "--hd-num", "4")
     assert refused.returncode == 2 and "unknown InternVL chat options ['hd_num']" in refused.stderr
+    two = run_cli("chat", converted, "--query", "Compare.", "--image", WIDE, "--image", TALL, "--max-num", "2",
+                  "--max-new-tokens", "4")
+    assert two.returncode == 0, two.stderr
+    expected, _ = chat(model, processor, "Compare.", [WIDE, TALL], max_num=2, max_new_tokens=4)
+    assert two.stdout == expected + "\n"
 
 
 # ---- the example --------------------------------------------------------------------------------------------
