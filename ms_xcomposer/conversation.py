@@ -172,7 +172,8 @@ class IncrementalDecoder:
 
     def push(self, ids: Sequence[int]) -> str:
         self.ids.extend(int(i) for i in ids)
-        text = self.processor.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # The processor's decode, not the tokenizer's: a family may post-process the text (InternVL strips it)
+        text = self.processor.decode(self.ids)
         cut = _cut_at_stop(text, self.stops)
         if cut != text:
             return self._release(cut)

@@ -24,6 +24,7 @@ from ms_xcomposer.config import ConfigError
 BUILTIN_FAMILIES = (
     "ms_xcomposer.models.xcomposer2",
     "ms_xcomposer.models.llava",
+    "ms_xcomposer.models.internvl",
 )
 PLUGIN_ENV = "MS_XCOMPOSER_FAMILIES"  # comma-separated plug-in modules defining FAMILY
 ENTRY_POINT_GROUP = "ms_xcomposer.families"  # entry points naming such modules

@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   ms-xcomposer chat ./ixc25-ms --infer-mode write --meta-instruction "You are a poet." --query "A poem, please."
   ms-xcomposer chat ./ixc25-ms --mode graph            # interactive session; the first answer compiles the graphs
   ms-xcomposer chat ./ixc25-ms --device Ascend --dtype bfloat16 --image photo.jpg   # never run by the developers
+  ms-xcomposer chat ./internvl15-ms --image a.jpg --image b.jpg --max-num 12 --query "Compare the two images."
 
 MODEL_DIR is a converted directory (`ms-xcomposer convert`) or a Hugging Face directory (read directly).
 Without --query an interactive session starts; --image files are attached to its first message. In a session:
@@ -203,6 +204,8 @@ def register(subparsers) -> None:
     parser.add_argument("--hd-num", type=positive_int, metavar="N",
                         help="HD tile budget per image (default: the variant's: 24 for IXC-2.5, 25 for 4KHD; "
                              "IXC-2.5 uses 6 with several images)")
+    parser.add_argument("--max-num", type=positive_int, metavar="N",
+                        help="InternVL: most tiles per image (default 6, the model card's; plus a thumbnail)")
     parser.add_argument("--use-meta", action="store_true",
                         help="IXC-2.5: send the default system prompt (IXC2-VL / 4KHD always send it)")
     parser.add_argument("--meta-instruction", metavar="TEXT",

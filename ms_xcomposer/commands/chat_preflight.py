@@ -82,7 +82,8 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 def family_options(args: argparse.Namespace) -> dict:
     """The family options the command line sets (only those given: a family refuses options it does not take).
     --meta-instruction implies sending it (--use-meta)."""
-    options = {"hd_num": args.hd_num, "infer_mode": args.infer_mode, "max_pixels": args.max_pixels}
+    options = {"hd_num": args.hd_num, "infer_mode": args.infer_mode, "max_pixels": args.max_pixels,
+               "max_num": args.max_num}
     if args.use_meta or args.meta_instruction is not None:
         options["use_meta"] = True
     if args.meta_instruction is not None:

@@ -181,6 +181,24 @@ class InternVLConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
+    def from_checkpoint(cls, hf_config: Mapping[str, object], shapes: Mapping[str, object] = None,
+                        source: str = "config.json") -> "InternVLConfig":
+        """`Family.config_from_hf`: the HF config.json alone describes the model (the shapes are checked against
+        the Cells by the converter's plan, not needed here)."""
+        return cls.from_hf(hf_config, source)
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, object], path: str = "config.json") -> "InternVLConfig":
+        """The config the converter stored (the "ms_xcomposer" section of a converted config.json);
+        ConfigError naming `path` when a field is missing or invalid."""
+        try:
+            return cls.from_dict({k: v for k, v in section.items() if k != "family"})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: 'ms_xcomposer' section: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: malformed 'ms_xcomposer' section: {type(e).__name__}: {e}") from None
+
+    @classmethod
     def from_file(cls, path: str) -> "InternVLConfig":
         """Read an HF config.json (a file, or a directory holding one)."""
         if os.path.isdir(path):
