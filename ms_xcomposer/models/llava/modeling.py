@@ -25,23 +25,10 @@ from mindspore import Tensor, nn, ops
 
 from ms_xcomposer.engine import CausalLM, CausalLMOutput, GraphPiece
 from ms_xcomposer.models.clip import CLIPVisionModel
-from ms_xcomposer.models.layers import GELU, Linear, linear
+from ms_xcomposer.models.layers import Linear, linear
+from ms_xcomposer.models.projector import MLPProjector
 from ms_xcomposer.models.llama import LlamaModel
 from ms_xcomposer.models.llava.config import LlavaConfig
-
-
-class LlavaMultiModalProjector(nn.Cell):
-    """linear_2(gelu(linear_1(x))): vision width -> LLM width -> LLM width (HF's names; exact GELU)."""
-
-    def __init__(self, config: LlavaConfig, dtype=ms.float32):
-        super().__init__()
-        width, hidden = config.vision.hidden_size, config.llm.hidden_size
-        self.linear_1 = Linear(width, hidden, bias=config.projector_bias, dtype=dtype)
-        self.act = GELU()
-        self.linear_2 = Linear(hidden, hidden, bias=config.projector_bias, dtype=dtype)
-
-    def construct(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
 
 
 class TiedLMHead(nn.Cell):
@@ -91,7 +78,9 @@ class LlavaForConditionalGeneration(CausalLM):
         self.vision_tower = CLIPVisionModel(config.vision, dtype, post_layernorm=True,
                                             feature_layer=config.vision_feature_layer,
                                             keep_class_token=config.vision_feature_select_strategy == "full")
-        self.multi_modal_projector = LlavaMultiModalProjector(config, dtype)
+        self.multi_modal_projector = MLPProjector(config.vision.hidden_size, config.llm.hidden_size,
+                                                  config.llm.hidden_size, dtype, ("linear_1", "linear_2"),
+                                                  config.projector_bias)
         self.language_model = LlavaLanguageModel(config, dtype)
 
     # ---- the engine's view -----------------------------------------------------------------------------
