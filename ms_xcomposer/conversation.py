@@ -17,10 +17,11 @@ and `tokenizer` (its `decode(ids, skip_special_tokens=True)` for streaming).
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from mindspore import Tensor
 
@@ -36,6 +37,15 @@ _UNSTABLE_TAILS = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", 
 class OptionError(TypeError, ValueError):
     """An option the family (or GenerationConfig) does not take: a TypeError for Python callers, and bad input
     (a ValueError, exit 2) for the command line."""
+
+
+def chat_options(options_class: type, family: str, options: Mapping[str, object]):
+    """`options_class(**options)`: a family's chat options (a dataclass); OptionError names the unknown ones."""
+    known = sorted(f.name for f in dataclasses.fields(options_class))
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise OptionError(f"unknown {family} chat options {unknown}; known: {', '.join(known)}")
+    return options_class(**options)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from mindspore import Tensor, nn, ops
 
 from ..bicubic import bicubic_matrix
 from ..config import VisionConfig
-from .layers import LayerNorm, Linear, QuickGELU, linear, zeros_param
+from .layers import MLP, LayerNorm, Linear, QuickGELU, linear, zeros_param
 
 PosResize = Tuple[Tensor, Tensor]
 
@@ -143,17 +143,13 @@ class CLIPAttention(nn.Cell):
         return self.out_proj(out)
 
 
-class CLIPMLP(nn.Cell):
+class CLIPMLP(MLP):
+    """fc1 -> QuickGELU -> fc2."""
+
     def __init__(self, config: VisionConfig, dtype=ms.float32):
-        super().__init__()
         if config.hidden_act != "quick_gelu":
             raise ValueError(f"vision hidden_act {config.hidden_act!r} not supported: expected 'quick_gelu'")
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size, dtype=dtype)
-        self.act = QuickGELU()
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size, dtype=dtype)
-
-    def construct(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        super().__init__(config.hidden_size, config.intermediate_size, QuickGELU(), dtype)
 
 
 class CLIPEncoderLayer(nn.Cell):

@@ -75,3 +75,16 @@ class QuickGELU(nn.Cell):
 
     def construct(self, x):
         return x * ops.sigmoid(1.702 * x)
+
+
+class MLP(nn.Cell):
+    """The vision towers' feed-forward: `fc2(act(fc1(x)))`, both linears with bias (HF names fc1 / fc2)."""
+
+    def __init__(self, width: int, hidden: int, act: nn.Cell, dtype=ms.float32):
+        super().__init__()
+        self.fc1 = Linear(width, hidden, dtype=dtype)
+        self.act = act
+        self.fc2 = Linear(hidden, width, dtype=dtype)
+
+    def construct(self, x):
+        return self.fc2(self.act(self.fc1(x)))

@@ -36,7 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from mindspore import Tensor
 
-from ms_xcomposer.conversation import OptionError, PreparedInputs
+from ms_xcomposer.conversation import PreparedInputs, chat_options
 from ms_xcomposer.images import MAX_IMAGE_PIXELS
 from ms_xcomposer.models.internvl import processing
 from ms_xcomposer.models.internvl.config import InternVLConfig
@@ -60,11 +60,7 @@ class ChatOptions:
 
     @classmethod
     def from_kwargs(cls, **options) -> "ChatOptions":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise OptionError(f"unknown InternVL chat options {unknown}; known: {', '.join(sorted(known))}")
-        opts = cls(**options)
+        opts = chat_options(cls, "InternVL", options)
         if not isinstance(opts.max_num, int) or opts.max_num < 1:
             raise ValueError(f"max_num must be a positive integer, got {opts.max_num!r}")
         if opts.system_message is not None:

@@ -34,7 +34,7 @@ from mindspore import Tensor, nn, ops
 from ..clip import PatchEmbedding as _BiaslessPatchEmbedding
 from ..clip import PosResize, VisionTower
 from ..internlm2 import RMSNorm
-from ..layers import GELU, LayerNorm, Linear, zeros_param
+from ..layers import GELU, MLP, LayerNorm, Linear, zeros_param
 from .config import InternViTConfig
 
 
@@ -135,17 +135,11 @@ class InternAttention(nn.Cell):
         return self.proj(out)
 
 
-class InternMLP(nn.Cell):
+class InternMLP(MLP):
     """fc1 -> exact (erf) GELU -> fc2, both with bias."""
 
     def __init__(self, config: InternViTConfig, dtype=ms.float32):
-        super().__init__()
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size, dtype=dtype)
-        self.act = GELU()
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size, dtype=dtype)
-
-    def construct(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        super().__init__(config.hidden_size, config.intermediate_size, GELU(), dtype)
 
 
 class InternVisionEncoderLayer(nn.Cell):

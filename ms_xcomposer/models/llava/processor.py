@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ms_xcomposer.config import ConfigError
-from ms_xcomposer.conversation import OptionError, PreparedInputs
+from ms_xcomposer.conversation import PreparedInputs, chat_options
 from ms_xcomposer.images import MAX_IMAGE_PIXELS, ImageInput
 from ms_xcomposer.models.llava.config import LlavaConfig
 from ms_xcomposer.models.llava.processing import PREPROCESSOR_CONFIG, LlavaImageProcessor
@@ -50,11 +50,7 @@ class ChatOptions:
 
     @classmethod
     def from_kwargs(cls, **options) -> "ChatOptions":
-        known = sorted(cls.__dataclass_fields__)
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise OptionError(f"unknown LLaVA chat options {unknown}; known: {', '.join(known)}")
-        return cls(**options)
+        return chat_options(cls, "LLaVA", options)
 
 
 class LlavaProcessor:

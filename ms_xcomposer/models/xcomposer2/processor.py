@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from mindspore import Tensor, ops
 
-from ms_xcomposer.conversation import OptionError, PreparedInputs
+from ms_xcomposer.conversation import PreparedInputs, chat_options
 from ms_xcomposer.images import MAX_IMAGE_PIXELS
 from ms_xcomposer.models.xcomposer2.config import DEFAULT_META_INSTRUCTION, INFER_MODES, XComposerConfig
 from ms_xcomposer.models.xcomposer2.processing import MAX_VIDEO_FRAMES, preprocess, preprocess_video
@@ -72,11 +72,7 @@ class ChatOptions:
 
     @classmethod
     def from_kwargs(cls, **options) -> "ChatOptions":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise OptionError(f"unknown XComposer2 chat options {unknown}; known: {', '.join(sorted(known))}")
-        opts = cls(**options)
+        opts = chat_options(cls, "XComposer2", options)
         if opts.infer_mode not in INFER_MODES:
             raise ValueError(f"infer_mode {opts.infer_mode!r} unknown; expected one of {sorted(INFER_MODES)}")
         return opts
