@@ -125,7 +125,8 @@ class TorchSide:
                                       num_beams=1, repetition_penalty=1.0, max_new_tokens=steps,
                                       eos_token_id=list(eos), pad_token_id=eos[0], output_scores=True,
                                       return_dict_in_generate=True)
-        return [int(t) for t in out.sequences[0]], greedy_margins(out.scores)  # only new tokens: the prompt was given as embeddings
+        # only new tokens: the prompt was given as embeddings
+        return [int(t) for t in out.sequences[0]], greedy_margins(out.scores)
 
 
 def run_with_layer_outputs(model, **forward_kwargs) -> Tuple[List[np.ndarray], object]:
