@@ -1,6 +1,9 @@
-"""The pieces of `ms-xcomposer demo`: a tiny random IXC-2.5 checkpoint in the real HF layout, and timed chats.
+"""The pieces of `ms-xcomposer demo`: a tiny random checkpoint in the real HF layout, and timed chats.
 
-`ensure_checkpoint(cache_dir)` writes (or reuses) `cache_dir/hf`: config.json as the released repos write it,
+`DEMOS` holds one `DemoSpec` per family the demo covers: "xcomposer2" (the default) and "llava"
+(`models.llava.synthetic`: safetensors shards, llava-hf config and processor files, a LLaMA-structured
+tokenizer). `ensure_checkpoint(cache_dir, family=...)` writes (or reuses) the family's HF directory. For
+xcomposer2, `cache_dir/hf`: config.json as the released repos write it,
 random bf16 weights of the `tiny-ixc2.5` preset as two pickled `.bin` shards with their index (written without
 torch), `generation_config.json`, and a SentencePiece tokenizer trained on the spot whose vocabulary matches
 the model's 1000 embedding rows (`ms_xcomposer.synthetic_tokenizer`). A manifest with every file's size and
@@ -17,7 +20,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ms_xcomposer.models.xcomposer2.config import preset
 
@@ -56,11 +59,68 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _expected_manifest() -> Dict[str, object]:
-    return {"version": MANIFEST_VERSION, "preset": PRESET, "seed": SEED, "config": preset(PRESET).to_dict()}
+def _write_xcomposer2(dst: str) -> List[str]:
+    """The tiny-ixc2.5 checkpoint's files into `dst` (see the module doc); returns their names."""
+    from ms_xcomposer.conversion import layout
+    from ms_xcomposer.conversion.synthetic import write_random_hf_checkpoint
+    from ms_xcomposer.synthetic_tokenizer import write_tokenizer_files
+
+    config = preset(PRESET)
+    files = write_random_hf_checkpoint(dst, config, fmt="bin", shards=2, seed=SEED)
+    names = [os.path.basename(f) for f in files] + [layout.HF_BIN_INDEX, layout.CONFIG]
+    names += write_tokenizer_files(dst, config.llm.vocab_size, seed=SEED)
+    with open(os.path.join(dst, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(GENERATION_CONFIG, f, indent=2)
+    return names + ["generation_config.json"]
 
 
-def cache_problem(hf_dir: str) -> Optional[str]:
+def _write_llava(dst: str) -> List[str]:
+    from ms_xcomposer.models.llava.synthetic import write_random_checkpoint
+
+    return write_random_checkpoint(dst, seed=SEED)
+
+
+def _llava_config() -> Dict[str, object]:
+    from ms_xcomposer.models.llava.synthetic import config
+
+    return config().to_dict()
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """One family's demo: its tiny model in words, the checkpoint's files in words, the PyTorch side of its
+    parity, where it is cached (under the cache directory), the chat options the demo passes (`hd_num`), and
+    how to write it (`write(dst) -> file names`) and describe it for the manifest (`manifest()`)."""
+
+    family: str
+    model: str
+    files: str
+    torch_side: str
+    subdir: str
+    options: Tuple[str, ...]
+    write: Callable[[str], List[str]]
+    manifest: Callable[[], Dict[str, object]]
+
+
+DEMOS: Dict[str, DemoSpec] = {
+    "xcomposer2": DemoSpec(
+        "xcomposer2", f"a tiny RANDOM IXC-2.5 model (preset {PRESET})",
+        "bf16 weights in 2 pickled .bin shards + index, config.json, SentencePiece tokenizer trained on the spot",
+        "the PyTorch reference", "", ("hd_num",), _write_xcomposer2,
+        lambda: {"preset": PRESET, "seed": SEED, "config": preset(PRESET).to_dict()}),
+    "llava": DemoSpec(
+        "llava", "a tiny RANDOM LLaVA-1.5 model (preset tiny-llava: CLIP 3 layers at 112 px, LLaMA 2 layers)",
+        "bf16 weights in 2 safetensors shards + index, llava-hf config / processor files, LLaMA SentencePiece "
+        "tokenizer trained on the spot", "transformers' LlavaForConditionalGeneration", "llava", (), _write_llava,
+        lambda: {"family": "llava", "preset": "tiny-llava", "seed": SEED, "config": _llava_config()}),
+}
+
+
+def _expected_manifest(family: str = "xcomposer2") -> Dict[str, object]:
+    return {"version": MANIFEST_VERSION, **DEMOS[family].manifest()}
+
+
+def cache_problem(hf_dir: str, family: str = "xcomposer2") -> Optional[str]:
     """None when `hf_dir` holds a complete demo checkpoint of this version, else why not (one phrase)."""
     path = os.path.join(hf_dir, MANIFEST)
     if not os.path.isdir(hf_dir):
@@ -72,7 +132,7 @@ def cache_problem(hf_dir: str) -> Optional[str]:
         return f"{MANIFEST} is missing or unreadable"
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         return f"{MANIFEST} is malformed"
-    for key, value in _expected_manifest().items():
+    for key, value in _expected_manifest(family).items():
         if manifest.get(key) != value:
             return f"it was made with another {key}"
     for name, entry in manifest["files"].items():
@@ -84,28 +144,25 @@ def cache_problem(hf_dir: str) -> Optional[str]:
     return None
 
 
-def ensure_checkpoint(cache_dir: str, rebuild: bool = False) -> DemoCheckpoint:
-    """The demo's HF checkpoint under `cache_dir/hf`: reused when valid, otherwise (re)built atomically."""
-    from ms_xcomposer.conversion import layout
-    from ms_xcomposer.conversion.synthetic import write_random_hf_checkpoint
+def checkpoint_dir(cache_dir: str, family: str = "xcomposer2") -> str:
+    """Where the family's demo HF directory is kept under `cache_dir`."""
+    return os.path.join(os.path.abspath(cache_dir), DEMOS[family].subdir, "hf")
+
+
+def ensure_checkpoint(cache_dir: str, rebuild: bool = False, family: str = "xcomposer2") -> DemoCheckpoint:
+    """The family's demo HF checkpoint (`checkpoint_dir`): reused when valid, otherwise (re)built atomically."""
     from ms_xcomposer.conversion.writers import AtomicDirectory
-    from ms_xcomposer.synthetic_tokenizer import write_tokenizer_files
 
     start = time.perf_counter()
-    hf_dir = os.path.join(os.path.abspath(cache_dir), "hf")
-    problem = "--rebuild requested" if rebuild else cache_problem(hf_dir)
+    hf_dir = checkpoint_dir(cache_dir, family)
+    problem = "--rebuild requested" if rebuild else cache_problem(hf_dir, family)
     if problem is None:
         return DemoCheckpoint(hf_dir, "reused", seconds=time.perf_counter() - start)
     existed = os.path.exists(hf_dir)
-    config = preset(PRESET)
+    os.makedirs(os.path.dirname(hf_dir), exist_ok=True)
     with AtomicDirectory(hf_dir, overwrite=True, markers=(MANIFEST,)) as out:  # replaces only a demo checkpoint
-        files = write_random_hf_checkpoint(out.tmp, config, fmt="bin", shards=2, seed=SEED)
-        names = [os.path.basename(f) for f in files] + [layout.HF_BIN_INDEX, layout.CONFIG]
-        names += write_tokenizer_files(out.tmp, config.llm.vocab_size, seed=SEED)
-        with open(os.path.join(out.tmp, "generation_config.json"), "w", encoding="utf-8") as f:
-            json.dump(GENERATION_CONFIG, f, indent=2)
-        names.append("generation_config.json")
-        manifest = {**_expected_manifest(), "files": {
+        names = DEMOS[family].write(out.tmp)
+        manifest = {**_expected_manifest(family), "files": {
             n: {"bytes": os.path.getsize(os.path.join(out.tmp, n)), "sha256": _sha256(os.path.join(out.tmp, n))}
             for n in names}}
         with open(os.path.join(out.tmp, MANIFEST), "w", encoding="utf-8") as f:
@@ -142,14 +199,16 @@ class _Clock:
         pass
 
 
-def timed_chat(model, processor, query: str, images: Sequence[str], hd_num: int, max_new_tokens: int,
+def timed_chat(model, processor, query: str, images: Sequence[str], hd_num: Optional[int], max_new_tokens: int,
                history: Sequence[Tuple[str, str]] = ()) -> TurnStats:
-    """One greedy chat turn (repetition penalty 1.0, so both modes and PyTorch can be compared), timed."""
+    """One greedy chat turn (repetition penalty 1.0, so both modes and PyTorch can be compared), timed.
+    hd_num: XComposer2's tile budget (None: not passed, for families without the option)."""
     from ms_xcomposer.conversation import chat_with_ids
 
     clock = _Clock(time.perf_counter())
-    result = chat_with_ids(model, processor, query, list(images), history, streamer=clock, hd_num=hd_num,
-                           max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0)
+    options = {} if hd_num is None else {"hd_num": hd_num}
+    result = chat_with_ids(model, processor, query, list(images), history, streamer=clock,
+                           max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0, **options)
     end = time.perf_counter()
     first = clock.times[0] - clock.start if clock.times else end - clock.start
     rate = None

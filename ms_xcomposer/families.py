@@ -43,7 +43,8 @@ class Family:
     compute_dtype=...)) and the processor class (`from_pretrained(path, config)`), as classes or
     "module:attribute" strings; keys: the `KeyTable` of HF names; without_optional(config): the config once
     the optional parameters (task adapters) are dropped by conversion; components / component_of / describe:
-    what `ms-xcomposer info` prints.
+    what `ms-xcomposer info` prints; request_check: `chat`'s checks before loading; parity: the
+    `ms-xcomposer parity` hook.
     """
 
     name: str
@@ -63,6 +64,9 @@ class Family:
     # `chat`'s checks of a request before loading (images, prompt, memory): "module:Class" built as
     # cls(model_dir, config, options); None: the command checks only that image files exist.
     request_check: Optional[str] = None
+    # `parity`'s stages: "module:function" called as fn(ms_model, processor, ParityRequest) -> ParityReport
+    # (see `ms_xcomposer.parity`); None: the family has no stage-by-stage parity.
+    parity: Optional[str] = None
 
     def component(self, name: str) -> str:
         """The `info` component of tensor `name` (one of `components`)."""
@@ -79,6 +83,9 @@ class Family:
 
     def request_check_class(self) -> type:
         return _resolve(self.request_check)
+
+    def parity_function(self) -> Callable:
+        return _resolve(self.parity)
 
     def parameter_shapes(self, config) -> Dict[str, Tuple[int, ...]]:
         """Every parameter of the model `config` describes, by name, with its shape, read off the family's Cells

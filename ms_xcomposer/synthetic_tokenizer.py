@@ -123,3 +123,28 @@ def write_tokenizer_files(dst: str, vocab_size: int, seed: int = 0) -> List[str]
             f.write("\n")
         names.append(name)
     return names
+
+
+def write_llama_tokenizer(dst: str, vocab_size: int = 1000, legacy: bool = False,
+                          extra_special: bool = False) -> str:
+    """A llava-hf-style LLaMA tokenizer directory: LLaMA's SentencePiece structure (BPE, dummy prefix, byte
+    fallback, no user-defined pieces) at `vocab_size` pieces, and tokenizer_config.json as llava-1.5-7b-hf's
+    (`legacy`, <image> = vocab_size and <pad> = vocab_size + 1 added, as 32000 / 32001 there; pad <pad>, left
+    padding). extra_special: also name <image> in `extra_special_tokens` (transformers' `tokenizer.image_token`).
+    Returns `dst`."""
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(dst, "tokenizer.model"), "wb") as f:
+        f.write(train_sentencepiece(vocab_size, add_dummy_prefix=True, user_defined_symbols=[]))
+    decoder = {str(i): {**_token_entry(tok), "special": True} for i, tok in SPECIALS.items()}
+    decoder.update({str(vocab_size): {**_token_entry("<image>"), "special": True},
+                    str(vocab_size + 1): {**_token_entry("<pad>"), "special": True}})
+    config = {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder, "bos_token": "<s>",
+              "clean_up_tokenization_spaces": False, "eos_token": "</s>", "legacy": legacy,
+              "model_max_length": 1000000000000000019884624838656, "pad_token": "<pad>", "padding_side": "left",
+              "processor_class": "LlavaProcessor", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+              "unk_token": "<unk>", "use_default_system_prompt": False}
+    if extra_special:
+        config["extra_special_tokens"] = {"image_token": "<image>"}
+    with open(os.path.join(dst, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    return str(dst)

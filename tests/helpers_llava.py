@@ -10,38 +10,17 @@
 """
 from __future__ import annotations
 
-import json
 import os
 
-from ms_xcomposer.synthetic_tokenizer import train_sentencepiece
+from ms_xcomposer.synthetic_tokenizer import write_llama_tokenizer as _write_llama_tokenizer
 
 SPM_VOCAB = 400  # <image> = 400, <pad> = 401 (32000 / 32001 in llava-hf)
 IMAGE_SIZE = 56
 
 
-def _token_entry(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-            "special": True}
-
-
 def write_llama_tokenizer(dst, legacy: bool, extra_special: bool = False) -> str:
-    """A llava-hf-style tokenizer directory: LLaMA's SentencePiece structure (BPE, dummy prefix, byte fallback) at
-    400 pieces, tokenizer_config.json as llava-1.5-7b-hf's (legacy false, <image> and <pad> added, pad <pad>)."""
-    os.makedirs(dst, exist_ok=True)
-    with open(os.path.join(dst, "tokenizer.model"), "wb") as f:
-        f.write(train_sentencepiece(SPM_VOCAB, add_dummy_prefix=True, user_defined_symbols=[]))
-    decoder = {"0": _token_entry("<unk>"), "1": _token_entry("<s>"), "2": _token_entry("</s>"),
-               str(SPM_VOCAB): _token_entry("<image>"), str(SPM_VOCAB + 1): _token_entry("<pad>")}
-    config = {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder, "bos_token": "<s>",
-              "clean_up_tokenization_spaces": False, "eos_token": "</s>", "legacy": legacy,
-              "model_max_length": 1000000000000000019884624838656, "pad_token": "<pad>", "padding_side": "left",
-              "processor_class": "LlavaProcessor", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
-              "unk_token": "<unk>", "use_default_system_prompt": False}
-    if extra_special:
-        config["extra_special_tokens"] = {"image_token": "<image>"}
-    with open(os.path.join(dst, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f)
-    return str(dst)
+    """`synthetic_tokenizer.write_llama_tokenizer` at 400 pieces (<image> = 400, <pad> = 401)."""
+    return _write_llama_tokenizer(str(dst), SPM_VOCAB, legacy, extra_special)
 
 
 def tiny_llava_config(kv_heads: int = 2, feature_layer: int = -2, strategy: str = "default", tied: bool = False):

@@ -457,6 +457,28 @@ def test_demo_parity_step_says_why_it_is_skipped(monkeypatch, capsys):
     assert demo_command.parity_step(True, None, None, "unused", 1) == ("skipped (--no-parity)", None)
 
 
+def test_demo_llava(tmp_path):
+    """`demo --family llava`: a tiny random llava-hf checkpoint (written without torch) converted, chatted in both
+    modes with identical tokens, and compared with transformers' Llava stage by stage; --hd-num is refused."""
+    out = run_cli("demo", "--family", "llava", "--cache-dir", str(tmp_path), "--max-new-tokens", "6")
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "a tiny RANDOM LLaVA-1.5 model" in text
+    assert "[1/5] checkpoint created in " in text and str(tmp_path / "llava" / "hf") in text
+    assert re.search(r"^\[2/5\] converted 80 tensors", text, re.M)
+    assert re.search(r"^\[3/5\] PyNative chat, 'Describe this image\.' about demo\.png:$", text, re.M)
+    assert re.search(r"^\[4/5\] parity with transformers' LlavaForConditionalGeneration", text, re.M)
+    for stage in ("pixels", "prompt ids", "vision layer -2", "projector", "embeddings", "layer 1", "logits"):
+        assert re.search(rf"^      {stage} .* pass$", text, re.M), stage
+    assert re.search(r"^  graphs compiled +[1-9]\d* in the first GRAPH turn, 0 more for the follow-up$", text, re.M)
+    assert re.search(r"^  PyNative = GRAPH +identical tokens \(6 tokens\)$", text, re.M)
+    assert re.search(r"^  parity +pass: all 9 stages within tolerance; .* greedy tokens identical over 8 steps$",
+                     text, re.M)
+    assert text.rstrip().endswith("demo: OK") and "Traceback" not in out.stderr
+    refused = run_cli("demo", "--family", "llava", "--hd-num", "2", "--cache-dir", str(tmp_path))
+    assert refused.returncode == 2 and "--hd-num applies to the xcomposer2 demo" in refused.stderr
+
+
 def test_tokenizer_training_refuses_a_vocabulary_too_small():
     from ms_xcomposer.synthetic_tokenizer import train_sentencepiece
 

@@ -272,3 +272,66 @@ def test_llava_chat_example(checkpoints, tmp_path, capsys):
     expected = _hf_answer(ref, hf_processor, Image.open(image), PROMPT, 6)
     out = capsys.readouterr()
     assert out.out == f"{expected}\n{expected}\n" and out.err.startswith("converted ")
+
+
+# ---- parity ----------------------------------------------------------------------------------------------------
+PARITY_STAGES = ["pixels", "prompt ids", "vision layer {}", "projector", "embeddings", "layer 0", "layer 1", "logits",
+                 "greedy tokens"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_parity_passes_against_transformers(checkpoints, case, tmp_path):
+    """`run_parity` on both configs: every stage named in order, all within the fp32 tolerance, rounding-sized
+    differences (both sides really computed), greedy tokens transformers'."""
+    from ms_xcomposer.parity import run_parity
+
+    ref, hf_processor, hf, ms_dir = checkpoints[case]
+    image = str(tmp_path / "image.png")
+    _image(9).save(image)
+    report = run_parity(hf, ms_dir, [image], QUERY, steps=4)
+    layer = CASES[case][0]["feature_layer"]
+    assert [s.stage for s in report.stages] == [s.format(layer) for s in PARITY_STAGES]
+    assert report.passed, report.format_table()
+    assert report.tolerance_key == FP32 and report.torch_side.startswith("transformers LlavaForConditionalGeneration")
+    assert report.stage("pixels").max_abs == 0.0  # CLIPImageProcessor's pixels, bit for bit
+    for stage in (f"vision layer {layer}", "logits"):
+        assert report.stage(stage).max_abs > 0
+    tokens = 17 if CASES[case][0]["strategy"] == "full" else 16
+    assert report.inputs["image_tokens"] == tokens
+    expected = _hf_answer_ids(ref, hf_processor, Image.open(image), PROMPT, 4)
+    assert report.tokens["mindspore"] == report.tokens["pytorch"] == expected
+
+
+def _hf_answer_ids(ref, hf_processor, image, text, max_new_tokens):
+    inputs = hf_processor(images=image, text=text, return_tensors="pt")
+    return _hf_generate(ref, inputs, max_new_tokens=max_new_tokens)[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_parity_cli_names_the_first_diverging_layer(checkpoints, tmp_path):
+    """GRAPH mode through the CLI: the PyTorch side's layer 1 down_proj scaled by 1.05 (the MindSpore side is the
+    untouched conversion) fails from `layer 1`, every stage before it passing; exit 1, JSON report written."""
+    from safetensors.numpy import load_file
+
+    _, _, hf, ms_dir = checkpoints["gqa-layer-2-default-untied-published"]
+    bad = tmp_path / "hf"
+    bad.mkdir()
+    for f in os.listdir(hf):
+        if f != "model.safetensors":
+            (bad / f).write_bytes(open(os.path.join(hf, f), "rb").read())
+    state = load_file(os.path.join(hf, "model.safetensors"))
+    name = "language_model.model.layers.1.mlp.down_proj.weight"
+    state[name] = state[name] * np.float32(1.05)
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    image = str(tmp_path / "image.png")
+    _image(10).save(image)
+    report_file = tmp_path / "parity.json"
+    done = run_cli("parity", str(bad), "--ms-dir", ms_dir, "--image", image, "--steps", "2", "--mode", "graph",
+                   "--json", str(report_file))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "first diverging stage: layer 1" in done.stdout
+    data = json.loads(report_file.read_text())
+    assert data["mode"] == "graph" and data["first_failure"] == "layer 1"
+    stages = [s["stage"] for s in data["stages"]]
+    assert all(s["passed"] for s in data["stages"][:stages.index("layer 1")])
+    refused = run_cli("parity", hf, "--ms-dir", ms_dir, "--hd-num", "2")
+    assert refused.returncode == 2 and "parity options ['hd_num'] do not apply to the llava family" in refused.stderr

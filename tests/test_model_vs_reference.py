@@ -21,7 +21,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 
 from ms_xcomposer.models.xcomposer2.config import TASK_ADAPTERS, LLMConfig, PLoRAConfig, VisionConfig, XComposerConfig  # noqa: E402
 from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM  # noqa: E402
-from ms_xcomposer.parity import run_with_layer_outputs  # noqa: E402
+from ms_xcomposer.models.xcomposer2.parity import run_with_layer_outputs  # noqa: E402
 from ms_xcomposer.reference import ReferenceXComposer2  # noqa: E402
 from ms_xcomposer.weights import DictSource, load_weights  # noqa: E402
 from tolerances import assert_close  # noqa: E402

@@ -17,9 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ms_xcomposer.cli import main  # noqa: E402
-from ms_xcomposer.parity import (  # noqa: E402
-    IMAGE_STAGES, ParityError, ParityReport, compare, compare_tokens, load_torch_side, run_parity,
-)
+from ms_xcomposer.models.xcomposer2.parity import IMAGE_STAGES, load_torch_side  # noqa: E402
+from ms_xcomposer.parity import ParityError, ParityReport, compare, compare_tokens, run_parity  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data", "ixc25_tiny")

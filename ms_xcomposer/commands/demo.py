@@ -1,8 +1,9 @@
 """`ms-xcomposer demo`: the whole pipeline on a tiny random model, with nothing but the install.
 
-Steps: (1) create (or reuse) a tiny random IXC-2.5 checkpoint in the real HF layout in the cache directory,
-(2) convert it, (3) chat about the bundled image in PyNative mode, (4) compare with the PyTorch reference
-stage by stage when torch and transformers are installed, (5) chat in GRAPH mode (a first turn that compiles
+Steps: (1) create (or reuse) a tiny random checkpoint of the family (`--family`: xcomposer2, the default, an
+IXC-2.5; llava) in the real HF layout in the cache directory, (2) convert it, (3) chat about the bundled image in
+PyNative mode, (4) compare with the family's PyTorch side (the project's reference; transformers' Llava) stage by
+stage when torch and transformers are installed, (5) chat in GRAPH mode (a first turn that compiles
 the graphs, then a follow-up whose new prompt length must not compile again). Then a short report.
 Exit 1 if a check fails: parity, PyNative and GRAPH answers identical, no recompilation for the follow-up.
 """
@@ -16,15 +17,20 @@ from typing import List, Optional, Tuple
 
 from ms_xcomposer.cli import EXIT_CHECK_FAILED, EXIT_OK
 
+DEMO_FAMILIES = ("xcomposer2", "llava")  # the keys of `ms_xcomposer.demo.DEMOS` (not imported here: argparse only)
+
 EXAMPLES = """examples:
   ms-xcomposer demo
   ms-xcomposer demo --cache-dir /tmp/xc-demo --max-new-tokens 4
   ms-xcomposer demo --no-parity          # skip the PyTorch comparison even when torch is installed
+  ms-xcomposer demo --family llava       # a tiny random LLaVA-1.5 (llava-hf layout), transformers as PyTorch side
 
 The model is random (the `tiny-ixc2.5` preset: 2 decoder layers of width 256, a 2-layer CLIP tower, vocabulary
 1000): its answers are meaningless text. The demo shows the pipeline working end to end and reports conversion
 speed, tokens/s, parity figures and compiled graphs. The checkpoint is kept in the cache directory (default
-~/.cache/ms-xcomposer/demo, or $XDG_CACHE_HOME/ms-xcomposer/demo) and reused while its files are unchanged.
+~/.cache/ms-xcomposer/demo, or $XDG_CACHE_HOME/ms-xcomposer/demo; other families in a subdirectory named after
+them) and reused while its files are unchanged. --family llava: CLIP 3 layers at 112 px (64 image tokens), LLaMA
+2 layers of width 128, vocabulary 1002.
 Runs on CPU; 20-40 s on 2 cores (30 s measured, with torch installed; longer when the machine is busy).
 """
 QUERY = "Describe this image."
@@ -46,8 +52,10 @@ def have_torch() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
-def parity_step(skip: bool, model, tokenizer, hf_dir: str, hd_num: int) -> Tuple[str, Optional[str]]:
-    """Step 4: compare `model` with the PyTorch reference of `hf_dir` on the demo chat and print the table.
+def parity_step(skip: bool, model, processor, hf_dir: str, hd_num: Optional[int],
+                family: str = "xcomposer2") -> Tuple[str, Optional[str]]:
+    """Step 4: compare `model` with the PyTorch side of `hf_dir` (the `Family.parity` hook of `family`) on the
+    demo chat and print the table.
 
     Returns (the report's parity line, a failure message or None). Skipped, with the reason, when `skip` or
     when torch / transformers are not installed.
@@ -58,14 +66,17 @@ def parity_step(skip: bool, model, tokenizer, hf_dir: str, hd_num: int) -> Tuple
         print(f"[4/5] parity: {line}")
         return line, None
     from ms_xcomposer import demo
-    from ms_xcomposer.parity import compare_models, load_torch_side, tolerance_key
+    from ms_xcomposer.families import family_named
+    from ms_xcomposer.parity import ParityRequest, parity_hook, tolerance_key
 
+    spec = demo.DEMOS[family]
     weights, compute = tolerance_key(model)
-    print(f"[4/5] parity with the PyTorch reference (PyNative; {weights} weights, {compute} compute; a bf16 "
+    print(f"[4/5] parity with {spec.torch_side} (PyNative; {weights} weights, {compute} compute; a bf16 "
           "checkpoint is upcast once at load on CPU):", flush=True)
-    report = compare_models(model, load_torch_side(hf_dir), tokenizer, [demo.IMAGE], QUERY, hd_num, PARITY_STEPS)
+    request = ParityRequest(hf_dir, (demo.IMAGE,), QUERY, PARITY_STEPS, {} if hd_num is None else {"hd_num": hd_num})
+    report = parity_hook(family_named(spec.family))(model, processor, request)
     print("\n".join("      " + line for line in report.format_table().splitlines()))
-    numeric = [s for s in report.stages if s.stage != "greedy tokens"]
+    numeric = [s for s in report.stages if s.tolerance != (0.0, 0.0)]  # token stages are identical or not
     worst_abs = max(numeric, key=lambda s: s.max_abs)
     worst_rel = max(numeric, key=lambda s: s.rel_frobenius)
     tokens = report.stage("greedy tokens")
@@ -84,28 +95,33 @@ def run(args: argparse.Namespace) -> int:
     from ms_xcomposer.conversion.convert import convert
 
     start = time.perf_counter()
+    spec = demo.DEMOS[args.family]
+    if args.hd_num is not None and "hd_num" not in spec.options:
+        raise ValueError(f"--hd-num applies to the xcomposer2 demo, not to --family {args.family}")
+    hd_num = args.hd_num if args.hd_num is not None or "hd_num" not in spec.options else 1
     cache_dir = os.path.abspath(os.path.expanduser(args.cache_dir or demo.default_cache_dir()))
-    print("ms-xcomposer demo: a tiny RANDOM IXC-2.5 model (preset tiny-ixc2.5) in the real Hugging Face layout.")
+    print(f"ms-xcomposer demo: {spec.model} in the real Hugging Face layout.")
     print("Its weights are random, so its answers are meaningless text: the demo shows the pipeline, not the model.")
     failures: List[str] = []
 
-    ckpt = demo.ensure_checkpoint(cache_dir, rebuild=args.rebuild)
+    ckpt = demo.ensure_checkpoint(cache_dir, rebuild=args.rebuild, family=args.family)
     why = f" ({ckpt.reason})" if ckpt.reason else ""
     print(f"[1/5] checkpoint {ckpt.status}{why} in {ckpt.seconds:.1f} s: {ckpt.hf_dir}")
-    print("      bf16 weights in 2 pickled .bin shards + index, config.json, SentencePiece tokenizer trained on the spot")
+    print(f"      {spec.files}")
 
-    ms_dir = os.path.join(cache_dir, "ms")
+    ms_dir = os.path.join(os.path.dirname(ckpt.hf_dir), "ms")
     conversion = convert(ckpt.hf_dir, ms_dir, overwrite=True)
     print(f"[2/5] converted {conversion.summary()}", flush=True)
 
     runtime.setup("CPU", "pynative")
     model, processor = load(ms_dir)
-    print(f"[3/5] PyNative chat, {QUERY!r} about {os.path.basename(demo.IMAGE)} (hd_num {args.hd_num}):", flush=True)
-    pynative = demo.timed_chat(model, processor, QUERY, [demo.IMAGE], args.hd_num, args.max_new_tokens)
+    tiles = "" if hd_num is None else f" (hd_num {hd_num})"
+    print(f"[3/5] PyNative chat, {QUERY!r} about {os.path.basename(demo.IMAGE)}{tiles}:", flush=True)
+    pynative = demo.timed_chat(model, processor, QUERY, [demo.IMAGE], hd_num, args.max_new_tokens)
     print(f"      answer: {pynative.response!r}")
     print(f"      {_turn_line(pynative)}")
 
-    parity_line, parity_failure = parity_step(args.no_parity, model, processor.tokenizer, ckpt.hf_dir, args.hd_num)
+    parity_line, parity_failure = parity_step(args.no_parity, model, processor, ckpt.hf_dir, hd_num, args.family)
     if parity_failure:
         failures.append(parity_failure)
 
@@ -114,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
     print("      compiling the graphs (vision encoder, token embedding, language model step): a few seconds ...",
           flush=True)
     try:
-        graph = demo.timed_chat(model, processor, QUERY, [demo.IMAGE], args.hd_num, args.max_new_tokens)
-        follow = demo.timed_chat(model, processor, FOLLOW_UP, [demo.IMAGE], args.hd_num, args.max_new_tokens,
+        graph = demo.timed_chat(model, processor, QUERY, [demo.IMAGE], hd_num, args.max_new_tokens)
+        follow = demo.timed_chat(model, processor, FOLLOW_UP, [demo.IMAGE], hd_num, args.max_new_tokens,
                                  history=graph.history)
     finally:
         runtime.setup("CPU", "pynative")
@@ -153,16 +169,19 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "demo", help="run the whole pipeline on a tiny random model (needs nothing but the install)",
-        description="Create a tiny random IXC-2.5 checkpoint in the real HF layout, convert it, chat about a "
-                    "bundled image in PyNative and GRAPH mode, compare with the PyTorch reference when torch is "
-                    "installed, and report speed, parity and compiled graphs.",
+        description="Create a tiny random checkpoint (IXC-2.5 by default, or --family llava) in the real HF "
+                    "layout, convert it, chat about a bundled image in PyNative and GRAPH mode, compare with the "
+                    "family's PyTorch side when torch is installed, and report speed, parity and compiled graphs.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="where the demo checkpoint is kept (default: ~/.cache/ms-xcomposer/demo)")
     parser.add_argument("--rebuild", action="store_true", help="recreate the checkpoint even if the cache is valid")
-    parser.add_argument("--hd-num", type=positive_int, default=1, metavar="N",
-                        help="HD tile budget for the 896x448 image (default: 1 tile; 2 or more: 2 tiles, a longer prompt)")
+    parser.add_argument("--family", choices=sorted(DEMO_FAMILIES), default="xcomposer2",
+                        help="the model family of the tiny model (default: %(default)s, an IXC-2.5)")
+    parser.add_argument("--hd-num", type=positive_int, metavar="N",
+                        help="xcomposer2: HD tile budget for the 896x448 image (default: 1 tile; 2 or more: 2 tiles, "
+                             "a longer prompt)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=12, metavar="N",
                         help="new tokens per answer (default: 12)")
     parser.add_argument("--no-parity", action="store_true", help="skip the comparison with PyTorch")

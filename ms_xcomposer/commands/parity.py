@@ -11,13 +11,16 @@ EXAMPLES = """examples:
   ms-xcomposer parity tests/data/ixc25_tiny/hf --image tests/data/ixc25_tiny/image_wide.png --mode graph --json parity.json
                                           # the tiny golden model of a source checkout
   ms-xcomposer parity ./internlm-xcomposer2d5-7b --trust-remote-code --image cat.png
+  ms-xcomposer parity ./llava-1.5-7b-hf --ms-dir ./llava-ms --image cat.png   # transformers' Llava as PyTorch side
 
-Stages, in pipeline order: pixels, vit input, vision tower, assembled tokens, projector (per image), then
-embeddings, layer 0 .. layer N-1, logits and greedy tokens. Each passes when its max abs and relative
-Frobenius differences are within the tolerance of (MindSpore weight dtype, compute dtype); greedy tokens
-must be identical. The PyTorch side is the project's reference, or HF_DIR's own remote code (modeling_*.py)
-with --trust-remote-code. A directory with remote code is refused unless one of the two flags says which.
-Exit 0 if every stage passes, 1 if one fails (the first diverging stage is named), 2 on bad input.
+Stages, in pipeline order, are the family's (docs/parity.md): the image side (XComposer2: pixels, vit input,
+vision tower, assembled tokens, projector per image; LLaVA: pixels, prompt ids, vision layer L, projector),
+then embeddings, layer 0 .. layer N-1, logits and greedy tokens. Each passes when every element is within the
+tolerance of (MindSpore weight dtype, compute dtype); ids must be identical. The PyTorch side: XComposer2, the
+project's reference, or HF_DIR's own remote code (modeling_*.py) with --trust-remote-code (a directory with
+remote code is refused unless one of the two flags says which); LLaVA, transformers' LlavaForConditionalGeneration
+and LlavaProcessor. Exit 0 if every stage passes, 1 if one fails (the first diverging stage is named), 2 on bad
+input.
 """
 
 
@@ -47,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "parity", help="compare MindSpore with PyTorch stage by stage on the same inputs",
-        description="Run the PyTorch model (the project's reference, or HF_DIR's remote code) and the MindSpore "
-                    "port on one chat prompt and compare every stage.",
+        description="Run the PyTorch model (the family's PyTorch side: the project's reference, transformers, or "
+                    "HF_DIR's remote code) and the MindSpore port on one chat prompt and compare every stage.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face checkpoint directory (the PyTorch side)")
@@ -57,7 +60,7 @@ def register(subparsers) -> None:
                         help="image file(s) for the prompt (default: a text-only prompt)")
     parser.add_argument("--query", default="Describe this image.", help="the user's message (default: %(default)r)")
     parser.add_argument("--hd-num", type=positive_int, metavar="N",
-                        help="HD tile budget per image (default: the variant's)")
+                        help="XComposer2: HD tile budget per image (default: the variant's)")
     parser.add_argument("--steps", type=positive_int, default=8, metavar="N",
                         help="greedy steps compared (default: 8)")
     add_runtime_arguments(parser)  # --device, --mode, --dtype (the MindSpore side's compute dtype)

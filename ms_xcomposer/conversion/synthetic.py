@@ -190,13 +190,25 @@ def write_random_hf_checkpoint(dst: str, config: XComposerConfig, fmt: str = "bi
     unknown keys, wrong shapes for tests); omit: parameter names left out; tokenizer_dir: copy the tokenizer
     files from there. Same arguments, same bytes.
     """
+    from ms_xcomposer.models.xcomposer2 import FAMILY
+
+    files = write_random_tensors(dst, FAMILY.parameter_shapes(config), fmt, shards, seed, dtype, extra_tensors, omit)
+    with open(os.path.join(dst, layout.CONFIG), "w", encoding="utf-8") as f:
+        json.dump(hf_config_dict(config, dtype), f, indent=2)
+    if tokenizer_dir:
+        copy_side_files(tokenizer_dir, dst)
+    return files
+
+
+def write_random_tensors(dst: str, shapes: Mapping[str, Sequence[int]], fmt: str = "bin", shards: int = 2,
+                         seed: int = 0, dtype: str = "bfloat16", extra_tensors: Optional[Mapping[str, np.ndarray]] = None,
+                         omit: Sequence[str] = ()) -> List[str]:
+    """Write random tensors of `shapes` ({name: shape}, in order) into directory `dst` as HF weight files: the
+    weights half of `write_random_hf_checkpoint` (same arguments), for any family. Returns the weight files."""
     if fmt not in ("bin", "safetensors"):
         raise ValueError(f"fmt {fmt!r} not supported; expected 'bin' or 'safetensors'")
     os.makedirs(dst, exist_ok=True)
     extra = {k: np.asarray(v) for k, v in (extra_tensors or {}).items()}
-    from ms_xcomposer.models.xcomposer2 import FAMILY
-
-    shapes = FAMILY.parameter_shapes(config)
     names = [n for n in shapes if n not in omit] + [k for k in extra if k not in shapes]
     specs = [TensorSpec(n, dtype_name(extra[n].dtype), tuple(extra[n].shape)) if n in extra
              else TensorSpec(n, dtype, shapes[n]) for n in names]
@@ -232,8 +244,4 @@ def write_random_hf_checkpoint(dst: str, config: XComposerConfig, fmt: str = "bi
     if len(groups) > 1:
         with open(os.path.join(dst, index_name), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(dst, layout.CONFIG), "w", encoding="utf-8") as f:
-        json.dump(hf_config_dict(config, dtype), f, indent=2)
-    if tokenizer_dir:
-        copy_side_files(tokenizer_dir, dst)
     return [os.path.join(dst, n) for n in files]

@@ -59,6 +59,7 @@ FAMILY = Family(
     components=COMPONENTS,
     component_of=component,
     describe=describe,
+    parity="ms_xcomposer.models.llava.parity:compare_loaded",
 )
 
 _LAZY = {"LlavaForConditionalGeneration": "modeling", "LlavaProcessor": "processor"}

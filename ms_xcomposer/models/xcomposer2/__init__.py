@@ -32,6 +32,7 @@ FAMILY = Family(
     component_of=info.component,
     describe=info.describe,
     request_check="ms_xcomposer.models.xcomposer2.preflight:XComposer2RequestCheck",
+    parity="ms_xcomposer.models.xcomposer2.parity:compare_loaded",
 )
 
 _LAZY = {"XComposer2ForCausalLM": "modeling", "split_views": "modeling", "OFFICIAL_CHAT_GENERATION": "modeling",
