@@ -26,14 +26,10 @@ from mindspore import Tensor, nn, ops
 
 from ms_xcomposer import runtime
 from ms_xcomposer.cache import KVCache, round_capacity
-from ms_xcomposer.config import LLMConfig
+from ms_xcomposer.config import PREFILL_CHUNK, LLMConfig
 from ms_xcomposer.models import rope
 
 MASKED = -1e30  # additive attention bias of hidden positions; softmax runs in float32
-# Rows of a long input per compiled-step call (`CausalLM.prefill_chunk`): a call's transient memory is about
-# ATTENTION_COPIES x heads x rows x capacity x 4 bytes (ms_xcomposer/memory.py), so chunks keep it linear in the
-# prompt length. Measured on one full-width layer (docs/performance.md, long_prompt): see there.
-PREFILL_CHUNK = 256
 
 
 @dataclass

@@ -22,18 +22,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVER, UNDER = 2.0, 1.5  # the estimate may be up to 2x the measured rise, or down to 1/1.5 of it
 
 MEASURE = r"""
-import json, os, resource, sys
+import json, os, sys
 os.environ.setdefault("GLOG_v", "3")
 import psutil
 from ms_xcomposer import chat, load
+from ms_xcomposer.memory import peak_rss, reset_peak_rss
 
 model_dir, image, mode, hd = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 model, processor = load(model_dir, device="CPU", mode=mode)
 options = dict(do_sample=False, max_new_tokens=2, repetition_penalty=1.0)
 chat(model, processor, "hi", [image], hd_num=1, **options)  # warm-up: allocator pools, first kernels, graphs
 before = psutil.Process().memory_info().rss
+reset_peak_rss()  # (ru_maxrss would include the parent pytest process's peak: Linux carries it across exec)
 chat(model, processor, "hi", [image], hd_num=hd, **options)
-rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+rise = peak_rss() - before
 rows = int(processor.prepare(model, "hi", [image], hd_num=hd).inputs_embeds.shape[1])
 print(json.dumps({"rise": rise, "rows": rows}))
 """
