@@ -56,7 +56,10 @@ def test_estimate_is_within_a_factor_of_the_measured_peak(converted, photo, mode
     Measured / estimated on this CPU: PyNative 0.70-0.77 (hd 4; once below 0.67, with other jobs on the
     machine) and 0.84-1.03 (hd 12), GRAPH 1.0-1.26 (hd 12). PyNative reuses the warm-up's pooled memory for a
     small prompt, so fewer score-sized copies are fresh; GRAPH holds more copies and compiles the new tile
-    grid's graph in the measured call."""
+    grid's graph in the measured call. With the prefill in 256-row chunks (issue 10) the vision tower's
+    attention is the larger term at both sizes: 0.80 (PyNative hd 4), 1.08 (PyNative hd 12), 1.15 (GRAPH hd 12).
+    The peak is VmHWM reset just before the chat: ru_maxrss would include the pytest process's own peak, which
+    Linux carries into a child across fork + exec."""
     env = {k: v for k, v in os.environ.items() if k != "GLOG_v"}
     run = subprocess.run([sys.executable, "-c", MEASURE, converted, photo, mode, str(hd)], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=600)
