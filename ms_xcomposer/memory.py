@@ -19,7 +19,8 @@ The formula follows the code as it is (bytes; B = batch, S = prompt rows, C = KV
   views x vit_heads x T x T x 4 + views x T x (vit_ffn + 4 x vit_width) x c, where views = 1 + tiles (HD
   variants) and T = patches + 1.
 - activation = max(vision, prefill): the vision tower finishes before the prefill starts.
-- loading = weights x LOADING_PEAK_RATIO: `from_pretrained` builds the model, then reads the checkpoint into it.
+- loading = weights x LOADING_PEAK_RATIO: `from_pretrained` builds the model unallocated, then hands each tensor
+  over as it is read (no second copy).
 - peak = max(loading, weights + 2 x KV cache + activation).
 
 The two copy factors were measured on this CPU (MindSpore 2.10, tiny IXC-2.5, PyNative and GRAPH, peak RSS of
@@ -40,7 +41,8 @@ from ms_xcomposer.models.xcomposer2.config import XComposerConfig
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 ATTENTION_COPIES = 4.5  # float32 [heads, S, C] tensors alive at the attention's peak (4.2 PyNative, up to 6.3 GRAPH)
 VIT_ATTENTION_COPIES = 3  # float32 [views, heads, T, T] tensors alive at the vision attention's peak (2-3)
-LOADING_PEAK_RATIO = 1.6  # peak RSS while loading / weight bytes (issue 10: 6.7 GB for 4.09 GB of bf16)
+LOADING_PEAK_RATIO = 1.1  # peak RSS while loading / weight bytes: 1.07 (fp32) to 1.13 (bf16) on a 3.4 GB
+# checkpoint, runtime included (benchmarks/bench_load.py); 1.6 before tensors were handed over without a copy
 # RSS of a CPU process with MindSpore imported and a tiny model loaded (0.54-0.59 GB measured): what the
 # chat pre-check adds to the estimate; `info --estimate` leaves it out (it depends on the host, not the model).
 RUNTIME_OVERHEAD = 600_000_000
