@@ -10,6 +10,13 @@ class ConfigError(ValueError):
     """A config or checkpoint does not describe a model this package can build."""
 
 
+# Rows of a long input per compiled decoder-step call (`engine.CausalLM.prefill_chunk`). One call's transient
+# memory is about ATTENTION_COPIES x heads x rows x capacity x 4 bytes (`memory.py`): chunks keep a prefill's
+# memory linear in the prompt length. 256 rows: 1.26 GB above the loaded model at 8192 positions on one
+# full-width IXC-2.5 layer (the issue 10 bound is 1.5 GB); see docs/performance.md (long_prompt).
+PREFILL_CHUNK = 256
+
+
 @dataclass
 class LLMConfig:
     """InternLM2 language model."""

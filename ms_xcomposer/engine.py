@@ -22,11 +22,11 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from ms_xcomposer import runtime
 from ms_xcomposer.cache import KVCache, round_capacity
-from ms_xcomposer.config import LLMConfig
+from ms_xcomposer.config import PREFILL_CHUNK, LLMConfig
 from ms_xcomposer.models import rope
 
 MASKED = -1e30  # additive attention bias of hidden positions; softmax runs in float32
@@ -104,6 +104,7 @@ class CausalLM(nn.Cell):
     """
 
     per_token_extras: Tuple[str, ...] = ()
+    prefill_chunk: int = PREFILL_CHUNK  # rows per compiled-step call; an instance may set its own
 
     def __init__(self, compute_dtype=None):
         super().__init__()
@@ -174,21 +175,50 @@ class CausalLM(nn.Cell):
         elif cache.capacity < total:
             cache = cache.grow(round_capacity(want))
 
-        cos, sin = rope.cos_sin(llm, start, seq)
-        key_pos = np.arange(cache.capacity)
-        query_pos = np.arange(start, total)
-        bias = np.where(key_pos[None, :] <= query_pos[:, None], 0.0, MASKED).astype(np.float32)
+        cos, sin = rope.cos_sin(llm, start, seq)  # the base of the whole call's length (dynamic NTK)
         step = self._piece(("llm", flags, last_logits_only, output_hidden_states),
                            lambda: DecoderStep(self, flags, last_logits_only, output_hidden_states))
-        logits, keys, values, hidden = step(
-            embeds, Tensor(mask[..., None]).astype(self.compute_dtype), Tensor(cos).astype(self.compute_dtype),
-            Tensor(sin).astype(self.compute_dtype), Tensor(query_pos.astype(np.int32)), Tensor(bias),
-            ms.mutable(cache.keys), ms.mutable(cache.values))
+        keys, values = cache.keys, cache.values
+        cache = None  # a cache allocated here is dropped as soon as the first chunk has written its copy
+        logits, keys, values, hidden = self._run_in_chunks(step, embeds, mask, cos, sin, start, keys, values,
+                                                           last_logits_only, output_hidden_states)
         return CausalLMOutput(
             logits=logits,
             past_key_values=KVCache(tuple(keys), tuple(values), total) if use_cache else None,
-            hidden_states=tuple(hidden) if output_hidden_states else None,
+            hidden_states=hidden,
         )
+
+    def _run_in_chunks(self, step: DecoderStep, embeds: Tensor, mask: np.ndarray, cos: np.ndarray,
+                       sin: np.ndarray, start: int, keys, values, last_only: bool, hidden_states: bool):
+        """The new rows through `step` in chunks of `prefill_chunk` rows, each attending to the cache written
+        so far and itself, so the [heads, rows, capacity] scores of one call stay chunk-sized (linear memory in
+        the prompt length). Every chunk uses the same compiled graph (the sequence dimension is dynamic).
+
+        Returns (logits: every chunk's, or the last chunk's last row with `last_only`; keys; values; the hidden
+        states of every layer concatenated over the chunks, or None).
+        """
+        seq, dt = int(embeds.shape[1]), self.compute_dtype
+        capacity = int(keys[0].shape[2])
+        size = max(1, int(self.prefill_chunk))
+        logits_parts, hidden_parts = [], []
+        for a in range(0, seq, size):
+            b = min(seq, a + size)
+            rows = embeds if (a, b) == (0, seq) else embeds[:, a:b]
+            query_pos = np.arange(start + a, start + b)
+            logits, keys, values, hidden = step(
+                rows, Tensor(mask[:, a:b, None]).astype(dt), Tensor(cos[a:b]).astype(dt),
+                Tensor(sin[a:b]).astype(dt), Tensor(query_pos.astype(np.int32)),
+                Tensor(causal_bias(query_pos, capacity)), ms.mutable(tuple(keys)), ms.mutable(tuple(values)))
+            if not last_only:
+                logits_parts.append(logits)
+            if hidden_states:
+                hidden_parts.append(hidden)
+        if not last_only and len(logits_parts) > 1:
+            logits = ops.cat(logits_parts, 1)
+        hidden = None
+        if hidden_states:
+            hidden = tuple(parts[0] if len(parts) == 1 else ops.cat(parts, 1) for parts in zip(*hidden_parts))
+        return logits, keys, values, hidden
 
     # ---- loading ---------------------------------------------------------------------------------------
     @classmethod
@@ -221,6 +251,12 @@ class CausalLM(nn.Cell):
             load_weights(model, source, dtype=target, skip=family.keys.is_dropped)
         model.generation_config = GenerationConfig.from_pretrained(path)
         return model
+
+
+def causal_bias(query_pos: np.ndarray, capacity: int) -> np.ndarray:
+    """[S, capacity] float32 additive attention bias: 0 where the key position <= the query's, else MASKED
+    (later positions and the cache's empty slots)."""
+    return np.where(np.arange(capacity)[None, :] <= query_pos[:, None], 0.0, MASKED).astype(np.float32)
 
 
 def _as_tensor(x, dtype) -> Tensor:

@@ -9,17 +9,18 @@ The formula follows the code as it is (bytes; B = batch, S = prompt rows, C = KV
 - weights = parameters of the model the config describes (task adapters included when it has them) x w.
 - KV cache = 2 (keys, values) x layers x B x beams x kv_heads x C x head_dim x c. Each compiled step returns
   a new cache while the old one is still referenced, so for a moment there are two: the peak counts it twice.
-- prefill activation (one decoder layer at a time) = ATTENTION_COPIES x B x heads x S x C x 4 (the attention
-  scores are materialised over the whole capacity in float32: scores, bias-added scores, softmax, and their
-  casts; see `models/internlm2.py`), plus B x S x (3 x ffn + qkv_out + 4 x hidden) x c (feed-forward and
-  projections), plus the prompt embeddings B x S x hidden x c and the last logits B x vocab x 4.
-  This term is quadratic in S. When prefill runs in chunks of K rows, replace S x C by K x C in the first
-  term (`_llm_prefill_bytes`).
+- prefill activation (one decoder layer and one chunk at a time: the engine runs a prompt in chunks of
+  K = min(S, `config.PREFILL_CHUNK`) rows, `engine.CausalLM.prefill_chunk`) = ATTENTION_COPIES x B x heads x K
+  x C x 4 (a chunk's attention scores over the whole capacity in float32: scores, bias-added scores, softmax,
+  and their casts; see `models/attention.py`), plus B x K x (3 x ffn + qkv_out + 4 x hidden) x c (feed-forward
+  and projections), plus the prompt embeddings B x S x hidden x c and the last logits B x vocab x 4.
+  Linear in S (through C and the embeddings).
 - vision activation (images are encoded one after the other; the largest counts) = VIT_ATTENTION_COPIES x
   views x vit_heads x T x T x 4 + views x T x (vit_ffn + 4 x vit_width) x c, where views = 1 + tiles (HD
   variants) and T = patches + 1.
 - activation = max(vision, prefill): the vision tower finishes before the prefill starts.
-- loading = weights x LOADING_PEAK_RATIO: `from_pretrained` builds the model, then reads the checkpoint into it.
+- loading = weights x LOADING_PEAK_RATIO: `from_pretrained` builds the model unallocated, then hands each tensor
+  over as it is read (no second copy).
 - peak = max(loading, weights + 2 x KV cache + activation).
 
 The two copy factors were measured on this CPU (MindSpore 2.10, tiny IXC-2.5, PyNative and GRAPH, peak RSS of
@@ -34,12 +35,14 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from ms_xcomposer.cache import round_capacity
+from ms_xcomposer.config import PREFILL_CHUNK
 from ms_xcomposer.models.xcomposer2.config import XComposerConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 ATTENTION_COPIES = 4.5  # float32 [heads, S, C] tensors alive at the attention's peak (4.2 PyNative, up to 6.3 GRAPH)
 VIT_ATTENTION_COPIES = 3  # float32 [views, heads, T, T] tensors alive at the vision attention's peak (2-3)
-LOADING_PEAK_RATIO = 1.6  # peak RSS while loading / weight bytes (issue 10: 6.7 GB for 4.09 GB of bf16)
+LOADING_PEAK_RATIO = 1.1  # peak RSS while loading / weight bytes: 1.07 (fp32) to 1.13 (bf16) on a 3.4 GB
+# checkpoint, runtime included (benchmarks/bench_load.py); 1.6 before tensors were handed over without a copy
 # RSS of a CPU process with MindSpore imported and a tiny model loaded (0.54-0.59 GB measured): what the
 # chat pre-check adds to the estimate; `info --estimate` leaves it out (it depends on the host, not the model).
 RUNTIME_OVERHEAD = 600_000_000
@@ -137,8 +140,9 @@ def estimate(config: XComposerConfig, *, prompt_rows: int, max_new_tokens: int, 
 
 def _llm_prefill_bytes(config: XComposerConfig, batch: int, rows: int, capacity: int, c: int) -> int:
     llm = config.llm
-    scores = int(ATTENTION_COPIES * batch * llm.num_attention_heads * rows * capacity * 4)
-    layer = batch * rows * (3 * llm.intermediate_size + llm.qkv_out + 4 * llm.hidden_size) * c
+    chunk = min(rows, PREFILL_CHUNK)
+    scores = int(ATTENTION_COPIES * batch * llm.num_attention_heads * chunk * capacity * 4)
+    layer = batch * chunk * (3 * llm.intermediate_size + llm.qkv_out + 4 * llm.hidden_size) * c
     embeds = batch * rows * llm.hidden_size * c
     return scores + layer + embeds + batch * llm.vocab_size * 4
 
@@ -150,3 +154,23 @@ def _vision_bytes(config: XComposerConfig, grid: Optional[Tuple[int, int]], c: i
     scores = VIT_ATTENTION_COPIES * views * vit.num_attention_heads * tokens * tokens * 4
     layer = views * tokens * (vit.intermediate_size + 4 * vit.hidden_size) * c
     return scores + layer
+
+
+# ---- measuring (tests and benchmarks) -------------------------------------------------------------------
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS measurement of this process (Linux: "5" to /proc/self/clear_refs resets VmHWM).
+
+    `resource.getrusage(...).ru_maxrss` cannot be used for this: it never resets, and Linux carries the
+    parent's peak into a child across fork + exec, so a child of a large pytest process reports the parent's
+    peak (3 GB seen where the child's own was 0.3 GB)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss() -> int:
+    """Peak resident set size in bytes of this process since it started or `reset_peak_rss` (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/self/status has no VmHWM line: peak RSS is measured on Linux only")

@@ -23,11 +23,14 @@ class TensorSource(Protocol):
 
     def shape(self, key: str) -> tuple: ...
 
-    def read(self, key: str) -> np.ndarray: ...
+    def read_as(self, key: str, dtype: Optional[str] = None) -> np.ndarray:
+        """A fresh, writable, C-contiguous array of numpy dtype name `dtype` (None: as stored), owned by the
+        caller: `load_weights` hands its buffer to MindSpore without copying."""
 
 
 class DictSource:
-    """A TensorSource over an in-memory {name: array} (tests, the PyTorch reference's state dict)."""
+    """A TensorSource over an in-memory {name: array} (tests, the PyTorch reference's state dict). `read_as`
+    copies (the caller keeps its arrays)."""
 
     def __init__(self, tensors: Mapping[str, np.ndarray], path: str = "<memory>"):
         self.tensors, self.path = dict(tensors), path
@@ -38,8 +41,13 @@ class DictSource:
     def shape(self, key):
         return tuple(self.tensors[key].shape)
 
-    def read(self, key):
-        return self.tensors[key]
+    def read_as(self, key, dtype=None):
+        from ms_xcomposer.conversion.readers import as_ml_dtypes, convert_into, numpy_dtype
+
+        values = as_ml_dtypes(np.asarray(self.tensors[key]))
+        out = np.empty(values.shape, values.dtype if dtype is None else numpy_dtype(dtype))
+        convert_into(values.reshape(-1), out.reshape(-1))
+        return out
 
 
 class RenamedSource:
@@ -104,11 +112,12 @@ def load_weights(model: nn.Cell, source: TensorSource, dtype: Optional[ms.dtype]
         problems.append("shape mismatch: " + "; ".join(wrong[:20]))
     if problems:
         raise WeightsError(f"checkpoint {source.path} does not fit the model: " + " | ".join(problems))
-    from ms_xcomposer.conversion.readers import to_mindspore_tensor
+    from ms_xcomposer.runtime import DTYPES
 
+    want = None if dtype is None else {v: k for k, v in DTYPES.items()}[dtype]
     for name, param in params.items():
-        value: Tensor = to_mindspore_tensor(source.read(name))
-        if dtype is not None and value.dtype != dtype:
-            value = value.astype(dtype)
+        # Read once (converted block by block when asked), then handed over without a copy: peak memory is
+        # the loaded weights plus the tensor in flight (parameters are created unallocated, layers.zeros_param).
+        value = Tensor.from_numpy(source.read_as(name, want))
         param.set_dtype(value.dtype)
         param.set_data(value)

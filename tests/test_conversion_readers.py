@@ -185,3 +185,53 @@ def test_bin_saved_without_crc32(tmp_path):
     reference = load_with_torch(GOLDEN_BIN)
     with open_checkpoint(str(tmp_path / "ms")) as r:
         assert all(np.array_equal(r.read_bytes(k), reference[k]) for k in r.keys()) and len(r) == 142
+
+
+# ---- read_as: the loader's one read, converted block by block ------------------------------------------------
+def test_convert_into_bf16_to_float32_is_exact_for_every_bit_pattern():
+    from ms_xcomposer.conversion.readers import convert_into
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    out = np.empty(bits.size, np.float32)
+    convert_into(bits.view(ml_dtypes.bfloat16), out)
+    assert np.array_equal(out.view(np.uint32), bits.astype(np.uint32) << 16)  # NaN payloads included
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors", "ckpt"])
+def test_read_as_equals_read_then_cast(tmp_path, monkeypatch, fmt):
+    """Every tensor in every dtype pair, with blocks of 4 KB so that tensors span several blocks."""
+    from ms_xcomposer.conversion import readers
+    from ms_xcomposer.conversion.convert import convert
+
+    monkeypatch.setattr(readers, "READ_BLOCK", 4096)
+    src = tiny_hf_checkpoint(str(tmp_path / "hf"), "tiny-ixc2-vl", "bin" if fmt == "ckpt" else fmt)
+    if fmt == "ckpt":
+        convert(src, str(tmp_path / "ms"))
+        src = str(tmp_path / "ms")
+    with open_checkpoint(src) as r:
+        for k in r.keys():
+            stored = r.read(k)
+            assert r.read_as(k).tobytes() == stored.tobytes()
+            for dtype, np_dtype in (("float32", np.float32), ("float16", np.float16),
+                                    ("bfloat16", ml_dtypes.bfloat16)):
+                got = r.read_as(k, dtype)
+                assert got.dtype == np.dtype(np_dtype) and got.shape == stored.shape and got.flags.writeable
+                assert got.tobytes() == stored.astype(np_dtype).tobytes(), (k, dtype)
+
+
+def test_read_as_checks_the_bin_crc(tmp_path, monkeypatch):
+    """A converting read streams the storage in blocks and still refuses a corrupted one (zip CRC-32)."""
+    from ms_xcomposer.conversion import readers
+    from helpers_checkpoints import flip_byte
+
+    monkeypatch.setattr(readers, "READ_BLOCK", 4096)
+    src = tiny_hf_checkpoint(str(tmp_path / "hf"), "tiny-ixc2-vl", "bin")
+    with open_checkpoint(src) as r:
+        key = max(r.keys(), key=r.nbytes)
+        path, offset, length = r.file_range(key)
+    flip_byte(path, offset + length // 2)
+    with open_checkpoint(src) as r:
+        with pytest.raises(readers.CheckpointError, match="CRC-32"):
+            r.read_as(key, "float32")
+        with pytest.raises(readers.CheckpointError, match="CRC-32"):
+            r.read_as(key)

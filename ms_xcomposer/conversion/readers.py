@@ -68,6 +68,19 @@ def numpy_dtype(name: str) -> np.dtype:
         raise CheckpointError(f"unsupported dtype {name!r}; expected one of {sorted(_NP_DTYPES)}") from None
 
 
+READ_BLOCK = 16 << 20  # bytes read per step by a converting read (`CheckpointReader.read_as`)
+
+
+def convert_into(values: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = values cast to out's dtype (same size, 1-D). bf16 -> float32 widens the bits with a shift,
+    exact for every value (NaN payloads included) and ~20x faster than ml_dtypes' element-wise cast; other
+    casts round to nearest even (ml_dtypes / numpy)."""
+    if values.dtype == _NP_DTYPES["bfloat16"] and out.dtype == np.float32:
+        np.left_shift(values.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, values, casting="unsafe")
+
+
 def dtype_name(dtype: np.dtype) -> str:
     """Inverse of `numpy_dtype`: the name of a numpy dtype (bf16 from ml_dtypes or MindSpore's numpy type)."""
     dtype = np.dtype(dtype)
@@ -153,7 +166,26 @@ class _Shard:
         for offset, length in info.segments:
             _pread_into(self._fd, view[pos:pos + length], offset, self.path, key)
             pos += length
+        self.verify_bytes(key, out)
         return out
+
+    def blocks(self, key: str, block_bytes: int) -> Iterator[memoryview]:
+        """The tensor's C-order bytes in consecutive blocks of at most `block_bytes` (one reused buffer: use
+        each block before asking for the next), read once, checked like `read_bytes` at the end."""
+        buf = memoryview(np.empty(min(block_bytes, self.infos[key].nbytes), np.uint8))
+        check = self._checker(key)
+        for offset, length in self.infos[key].segments:
+            for start in range(0, length, len(buf)):
+                n = min(len(buf), length - start)
+                _pread_into(self._fd, buf[:n], offset + start, self.path, key)
+                check(buf[:n])
+                yield buf[:n]
+        check(None)
+
+    def _checker(self, key: str):
+        """A function fed each block of the tensor's bytes in order, then None: raises if they fail the
+        format's checksum. Formats without one accept anything."""
+        return lambda block: None
 
     def file_range(self, key: str) -> Optional[Tuple[int, int]]:
         """(offset, length) when the tensor's bytes are one range of the file, as stored; else None."""
@@ -429,10 +461,10 @@ class TorchZipShard(_Shard):
 
     def read_bytes(self, key: str) -> np.ndarray:
         t = self._strided.get(key)
-        raw = self._read_storage(key) if t is not None else super().read_bytes(key)
-        self._check_crc(key, raw)
         if t is None:
-            return raw
+            return super().read_bytes(key)  # checked by verify_bytes
+        raw = self._read_storage(key)
+        self._check_crc(key, raw)
         dtype = numpy_dtype(t.storage.dtype)
         flat = raw.view(dtype)
         view = np.lib.stride_tricks.as_strided(flat[t.offset:], t.shape, tuple(s * dtype.itemsize for s in t.stride))
@@ -444,6 +476,26 @@ class TorchZipShard(_Shard):
 
     def checksums(self) -> List[Checksum]:
         return list(self._checksums)
+
+    def blocks(self, key: str, block_bytes: int) -> Iterator[memoryview]:
+        if key in self._strided:  # a gathered view: its storage is read and checked whole
+            yield memoryview(self.read_bytes(key))
+            return
+        yield from super().blocks(key, block_bytes)
+
+    def _checker(self, key: str):
+        crc = self._crc.get(key)
+        if crc is None:
+            return super()._checker(key)
+        state = [0]
+
+        def check(block) -> None:
+            if block is not None:
+                state[0] = zlib.crc32(block, state[0])
+            elif state[0] != crc:
+                raise CheckpointError(f"{self.path}: tensor {key!r}: CRC-32 of its storage does not match the zip "
+                                      "directory: corrupted shard")
+        return check
 
     def _check_crc(self, key: str, data: np.ndarray) -> None:
         crc = self._crc.get(key)
@@ -714,6 +766,21 @@ class CheckpointReader:
         info = self.info(key)
         return self.read_bytes(key).view(numpy_dtype(info.dtype)).reshape(info.shape)
 
+    def read_as(self, key: str, dtype: Optional[str] = None) -> np.ndarray:
+        """The tensor as a fresh, writable array of `dtype` (a numpy dtype name; None = as stored), its bytes
+        read once: a conversion reads blocks of at most READ_BLOCK bytes and converts each into the result, so
+        memory stays at the result plus one block (bf16 -> float32 is exact: a 16-bit shift)."""
+        info = self.info(key)
+        if dtype is None or dtype == info.dtype:
+            return self.read(key)
+        src, out = numpy_dtype(info.dtype), np.empty(info.shape, numpy_dtype(dtype))
+        flat, pos = out.reshape(-1), 0
+        for block in self._where[key].blocks(key, READ_BLOCK - READ_BLOCK % src.itemsize):
+            values = np.frombuffer(block, src)
+            convert_into(values, flat[pos:pos + values.size])
+            pos += values.size
+        return out
+
     def items(self) -> Iterator[Tuple[str, np.ndarray]]:
         for key in self.keys():
             yield key, self.read(key)
@@ -868,6 +935,14 @@ def open_checkpoint(path: str) -> CheckpointReader:
     )
 
 
+def as_ml_dtypes(array: np.ndarray) -> np.ndarray:
+    """`array` with a bf16 dtype of another library (e.g. MindSpore's own numpy bf16 type) viewed as
+    `ml_dtypes.bfloat16`; any other array unchanged."""
+    if dtype_name(array.dtype) == "bfloat16" and array.dtype != _NP_DTYPES["bfloat16"]:
+        return array.view(np.uint16).view(ml_dtypes.bfloat16)
+    return array
+
+
 def to_mindspore_tensor(array: np.ndarray) -> "mindspore.Tensor":  # noqa: F821 - imported lazily
     """A `mindspore.Tensor` with the same dtype, shape and bits as `array` (bf16 from ml_dtypes included).
 
@@ -877,7 +952,4 @@ def to_mindspore_tensor(array: np.ndarray) -> "mindspore.Tensor":  # noqa: F821 
     import mindspore as ms  # imported here: readers are also used where MindSpore is not needed
 
     array = np.asarray(array, order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
-    name = dtype_name(array.dtype)
-    if name == "bfloat16" and array.dtype != _NP_DTYPES["bfloat16"]:  # e.g. MindSpore's own numpy bf16 type
-        array = array.view(np.uint16).view(ml_dtypes.bfloat16)
-    return ms.Tensor(array)
+    return ms.Tensor(as_ml_dtypes(array))

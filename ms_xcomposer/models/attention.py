@@ -12,6 +12,8 @@ import math
 import mindspore as ms
 from mindspore import nn, ops
 
+from ms_xcomposer import runtime
+
 
 def rotate_half(x):
     """[x1, x2] -> [-x2, x1] over the last axis (the rotary embedding's pairing of the two halves)."""
@@ -25,6 +27,9 @@ class CachedAttention(nn.Cell):
     def __init__(self, head_dim: int):
         super().__init__()
         self.inv_sqrt_d = 1.0 / math.sqrt(head_dim)
+        # Ascend: the fused `flash_attention_score` (16-bit compute only), which never materialises the scores.
+        # UNVERIFIED: written from the MindSpore 2.10 API documentation, never run (no Ascend machine here).
+        self.fused = runtime.current_device() == "Ascend"
         # Batched products with the transpose as a flag: `keys.swapaxes(-1, -2)` copied the whole key cache
         # every step (CPU Transpose kernel), and `ops.matmul` adds a BroadcastTo in GRAPH mode.
         self.bmm_nt = ops.BatchMatMul(transpose_b=True)
@@ -45,6 +50,12 @@ class CachedAttention(nn.Cell):
         k_cache = ops.tensor_scatter_elements(k_cache, index, k.astype(k_cache.dtype), axis=2)
         v_cache = ops.tensor_scatter_elements(v_cache, index, v.astype(v_cache.dtype), axis=2)
         keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        if self.fused and q.dtype != ms.float32:
+            # Query heads kv * G + g use KV head kv: the GQA grouping flash attention expects (N1 = KV * G).
+            out = ops.flash_attention_score(q.reshape(b, kv * g, s, d), keys, values, kv * g,
+                                            attn_mask=(bias < 0).astype(ms.uint8), scalar_value=self.inv_sqrt_d,
+                                            input_layout="BNSD")
+            return out.transpose(0, 2, 1, 3).reshape(b, s, -1), k_cache, v_cache
         scores = self.bmm_nt(q.reshape(b, kv, g * s, d), keys) * self.inv_sqrt_d
         # The [S, C] bias is added to each (batch, head) block as a BiasAdd over the flattened [S * C] axis:
         # MindSpore's CPU broadcasting Add runs single-threaded, 10x slower on prefill-sized scores.

@@ -4,6 +4,14 @@ cos/sin tables are small ([S, head_dim]) and depend on the total sequence length
 built with numpy per call and fed to the compiled graph as inputs. This reproduces the official behaviour: the
 rotary cache is rebuilt with a new base whenever the total length exceeds max_position_embeddings, so each new
 token is rotated with the base for the current length while keys already in the KV cache keep theirs.
+
+Precision: the tables are computed in float64 and rounded to float32 once, at the end. The official code
+computes inverse frequencies and angles in float32, so a rotation at position p carries p x (its float32
+rounding): the float32 angle itself is off by up to half an ulp of p x inv_freq (1.2e-4 rad at p = 2048), and a
+one-ulp difference between two float32 `pow` kernels (numpy's vs PyTorch's SLEEF, for a non-integer dynamic-NTK
+base) moves the angle by p x 6e-8 x inv_freq. Measured on the golden IXC-2.5 tiny model against a float64 run
+(tables in float64): official float32 tables put the last logits 4.8x (2074 positions) and 5.7x (5000) outside
+the fp32 tolerance, float64-rounded tables 0.22x at both (issue 10; tests/test_long_context.py).
 """
 from __future__ import annotations
 
@@ -25,19 +33,18 @@ def rope_base(cfg: LLMConfig, total_len: int) -> float:
 
 
 def inv_freq(cfg: LLMConfig, total_len: int) -> np.ndarray:
-    """[head_dim/2] float32 inverse frequencies, computed in float32 as the official PyTorch code does."""
+    """[head_dim/2] float64 inverse frequencies for a call whose total length is `total_len`."""
     d = cfg.head_dim
-    exponents = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
-    return (np.float32(1.0) / (np.float32(rope_base(cfg, total_len)) ** exponents)).astype(np.float32)
+    return 1.0 / (np.float64(rope_base(cfg, total_len)) ** (np.arange(0, d, 2, dtype=np.float64) / d))
 
 
 def cos_sin(cfg: LLMConfig, start: int, length: int, total_len: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """cos, sin [length, head_dim] float32 for positions start .. start+length-1."""
+    """cos, sin [length, head_dim] float32 for positions start .. start+length-1 (computed in float64)."""
     freqs = inv_freq(cfg, total_len if total_len is not None else start + length)
-    positions = np.arange(start, start + length, dtype=np.float32)
+    positions = np.arange(start, start + length, dtype=np.float64)
     scaling = cfg.rope_scaling or {}
     if scaling.get("type") == "linear":
-        positions = positions / np.float32(scaling["factor"])
-    angles = np.outer(positions, freqs).astype(np.float32)
+        positions = positions / float(scaling["factor"])
+    angles = np.outer(positions, freqs)
     emb = np.concatenate([angles, angles], axis=-1)
-    return np.cos(emb), np.sin(emb)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)

@@ -91,20 +91,28 @@ class RotaryEmbedding(nn.Module):
         self.kind = None if scaling is None else str(scaling["type"])
         self.factor = 1.0 if scaling is None else float(scaling["factor"])
 
-    def inv_freq(self, seq_len: int) -> torch.Tensor:
-        """[dim/2] float32 inverse frequencies for a call whose total length is `seq_len`."""
+    def inv_freq(self, seq_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[dim/2] inverse frequencies for a call whose total length is `seq_len`, computed in `dtype`
+        (float32, as the official code does, unless a float64 run asks for float64)."""
         base = self.base
         if self.kind == "dynamic":
             base = ntk_scaled_base(base, self.factor, seq_len, self.max_positions, self.dim)
-        return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=dtype) / self.dim))
 
     def forward(self, position_ids: torch.Tensor, seq_len: int,
                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, L] int -> (cos, sin), each [B, 1, L, dim] in `dtype`."""
-        t = position_ids.to(torch.float32)
+        """position_ids [B, L] int -> (cos, sin), each [B, 1, L, dim] in `dtype`.
+
+        The official code computes the tables in float32 whatever the model's dtype; a float64 run computes them
+        in float64, so that it is exact to float64 precision everywhere: float32 angles are off by up to half an
+        ulp of position x frequency, which at 2074 positions moves the golden IXC-2.5 logits 4.8x the fp32
+        tolerance from exact (`ms_xcomposer/models/rope.py`).
+        """
+        table = torch.float64 if dtype == torch.float64 else torch.float32
+        t = position_ids.to(table)
         if self.kind == "linear":
             t = t / self.factor
-        freqs = t[..., None] * self.inv_freq(seq_len).to(position_ids.device)
+        freqs = t[..., None] * self.inv_freq(seq_len, table).to(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
