@@ -65,6 +65,10 @@ class Row:
         """Leave at the next step boundary (thread-safe: only sets a flag)."""
         self._cancelled = True
 
+    def fail(self, error: BaseException) -> None:
+        """End the row with `error` (e.g. the batch's step failed)."""
+        self._finish("error", error)
+
     def push(self, logits: np.ndarray) -> None:
         """Choose the next token from this row's last logits [1, vocab] and record it; sets `finish_reason`."""
         if self._cancelled:

@@ -71,7 +71,7 @@ def generation_config(model, processor, generation: Optional[GenerationConfig] =
     return cfg.updated(eos_token_id=tuple(dict.fromkeys((*processor.eos_token_ids, *cfg.eos_token_id))))
 
 
-def _split_kwargs(kwargs: dict) -> Tuple[dict, dict]:
+def split_options(kwargs: dict) -> Tuple[dict, dict]:
     """(GenerationConfig fields, the family's options) of a chat call's keyword arguments."""
     names = GenerationConfig.field_names()
     return ({k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names})
@@ -102,7 +102,7 @@ def prepare_turn(model, processor, query: str, images: Optional[List[object]], h
                  generation: Optional[GenerationConfig] = None, **kwargs) -> Turn:
     """Options checked and the prompt built (prompt, option and image errors raise here), nothing generated.
     `images` goes to the processor as given (None: the text-only path)."""
-    overrides, options = _split_kwargs(kwargs)
+    overrides, options = split_options(kwargs)
     cfg = generation_config(model, processor, generation, **overrides)
     return Turn(cfg, processor.prepare(model, query, images, history, **options))
 

@@ -18,7 +18,7 @@ QUERIES = ["Describe this image.", "Hi",
            "Image1 <ImageHere>; Image2 <ImageHere>; What differs between the two pictures?", "Count to ten."]
 IMAGES = [[WIDE], None, [SMALL, WIDE], None]
 HISTORIES = [(), [("Who are you?", "A small test model that says little of use.")], (), ()]
-OPTIONS = dict(max_new_tokens=10, hd_num=4)
+OPTIONS = dict(max_new_tokens=10, hd_num=1)
 
 
 @pytest.fixture(scope="module", params=sorted(MODES))
