@@ -81,6 +81,7 @@ class BatchingEngine:
         self._batches: Dict[tuple, DecodeBatch] = {}
         self._tickets: Dict[int, Ticket] = {}  # id(row) -> its ticket
         self._stopping = False
+        self._ended: Dict[str, int] = collections.Counter()  # requests ended, by finish reason
         self._thread = threading.Thread(target=self._loop, name="ms-xcomposer-engine", daemon=True)
 
     # ---- any thread ------------------------------------------------------------------------------------
@@ -103,10 +104,11 @@ class BatchingEngine:
         return ticket
 
     def stats(self) -> Dict[str, int]:
-        """Rows decoding and requests waiting (a snapshot)."""
+        """Rows decoding, requests waiting, and requests ended so far by reason (stop, length, cancelled, error)."""
         with self._cond:
             return {"running": sum(len(b) for b in self._batches.values()),
-                    "queued": len(self._queue) + len(self._waiting)}
+                    "queued": len(self._queue) + len(self._waiting),
+                    **{reason: self._ended[reason] for reason in ("stop", "length", "cancelled", "error")}}
 
     def stop(self, drain: bool = True, timeout: Optional[float] = None) -> None:
         """Refuse new requests; with `drain`, finish the queued and running ones first (else cancel them); wait
@@ -148,6 +150,7 @@ class BatchingEngine:
                     return None
                 ticket = self._queue.popleft()
             if ticket.cancelled:
+                self._count("cancelled")
                 continue
             try:
                 ticket.turn = prepare_turn(self.model, self.processor, ticket.query, ticket.images, ticket.history,
@@ -158,6 +161,7 @@ class BatchingEngine:
                                           f"max_tokens ({ticket.turn.generation.max_new_tokens}) exceed the "
                                           f"server's {self.max_tokens} tokens in flight")
             except Exception as e:  # noqa: BLE001 - bad input of one request: reported to it, the engine goes on
+                self._count("error")
                 ticket.listener.failed(e)
                 continue
             ticket.images = None  # encoded now; do not keep the pixels
@@ -180,6 +184,7 @@ class BatchingEngine:
             with self._cond:
                 self._waiting.popleft()
             if ticket.cancelled:
+                self._count("cancelled")
                 continue
             if turn.generation.num_beams > 1:
                 self._run_alone(ticket)
@@ -211,8 +216,13 @@ class BatchingEngine:
         if not batch.rows:
             self._batches.pop(batch.key, None)
 
+    def _count(self, reason: str) -> None:
+        with self._cond:
+            self._ended[reason] += 1
+
     def _report(self, row: Row) -> None:
         ticket = self._tickets.pop(id(row))
+        self._count(row.finish_reason)
         if row.finish_reason == "cancelled":
             return
         if row.error is not None:
@@ -236,8 +246,10 @@ class BatchingEngine:
         try:
             result = run_turn(self.model, self.processor, ticket.query, ticket.history, ticket.turn, _Ids())
         except Exception as e:  # noqa: BLE001
+            self._count("error")
             listener.failed(e)
             return
         cfg = ticket.turn.generation
-        by_length = not result.generation.finished_by_eos and len(result.ids) >= cfg.max_new_tokens
-        listener.finished(result, "length" if by_length else "stop", prompt)
+        reason = "length" if not result.generation.finished_by_eos and len(result.ids) >= cfg.max_new_tokens else "stop"
+        self._count(reason)
+        listener.finished(result, reason, prompt)
