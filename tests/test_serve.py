@@ -362,3 +362,20 @@ def test_sigterm_finishes_in_flight_then_exits(server, expected):
     assert server.proc.wait(60) == 130
     with pytest.raises(OSError):
         http.client.HTTPConnection(server.host, server.port, timeout=5).request("GET", "/health")
+
+
+def test_serve_bad_arguments_exit_2(converted, tmp_path):
+    """A missing model directory, and a port already taken: one line on stderr, exit 2."""
+    import socket
+
+    missing = subprocess.run([sys.executable, "-m", "ms_xcomposer", "serve", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "not found" in missing.stderr and len(missing.stderr.splitlines()) == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run([sys.executable, "-m", "ms_xcomposer", "serve", converted, "--port", str(port)],
+                              capture_output=True, text=True, timeout=300)
+    assert busy.returncode == 2, busy.stderr
+    assert f"could not listen on 127.0.0.1:{port}" in busy.stderr.splitlines()[-1]

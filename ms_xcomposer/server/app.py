@@ -19,7 +19,7 @@ import time
 from typing import Any, AsyncIterator, Dict, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -32,6 +32,7 @@ from ms_xcomposer.server.protocol import (
 )
 
 DISCONNECT_POLL_S = 0.5
+CLIENT_GONE = 499  # nginx's "client closed request": logged only, nobody reads it
 
 
 class _Events:
@@ -124,6 +125,8 @@ def create_app(engine: BatchingEngine, model_id: str, api_key: Optional[str] = N
         except BaseException:
             ticket.cancel()
             raise
+        if kind == "gone":
+            return Response(status_code=CLIENT_GONE)
         prompt_tokens, cid = value, completion_id()
         if req.stream:
             return StreamingResponse(_stream(events, ticket, cid, req.model, cfg.stop, req.include_usage,
@@ -138,6 +141,8 @@ def create_app(engine: BatchingEngine, model_id: str, api_key: Optional[str] = N
                                                    len(result.ids)))
                 if kind == "failed":
                     raise as_api_error(value)
+                if kind == "gone":
+                    return Response(status_code=CLIENT_GONE)
         finally:
             ticket.cancel()  # nothing when it finished; a disconnected client's row leaves the batch
 
@@ -189,14 +194,15 @@ async def _json_body(request: Request, limit: int) -> Any:
 
 
 async def _next_event(events: _Events, request: Request, ticket) -> tuple:
-    """The next event of the request; cancels it when the client has gone away meanwhile."""
+    """The next (kind, value) event of the request, or ("gone", None) after cancelling it when the client has
+    disconnected meanwhile."""
     while True:
         try:
             return await asyncio.wait_for(events.queue.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 ticket.cancel()
-                raise asyncio.CancelledError("the client disconnected") from None
+                return "gone", None
 
 
 def _sse(data: Dict[str, Any]) -> str:
