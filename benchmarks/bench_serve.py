@@ -207,9 +207,9 @@ def section(results: Dict[str, List[Dict[str, float]]], args, load_before: float
     lines += [f"| {v} |" for v in verdicts]
     lines += ["", "Why full-width layers miss the targets on this machine: on 2 CPU cores a prefill of a short prompt "
               "costs several decode steps and is compute-bound (batching joiners does not shorten it), and every "
-              "arrival's prefill pauses the running rows, so at short max_tokens prefill dominates the phase; a "
-              "batched decode step is near the compute roof too at 8 rows (8 x 2 x the layer's parameters per step). "
-              "The tiny model's steps are overhead-bound, so there batching shows its full effect."]
+              "arrival's prefill pauses the running rows, so at short max_tokens prefill dominates the phase (the "
+              "estimate above). The tiny model's steps are overhead-bound, so there batching shows its full effect. "
+              "Not done: interleaving prefill chunks with decode steps, which would bound the pause."]
     return "\n".join(lines) + "\n", verdicts
 
 

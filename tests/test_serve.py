@@ -116,8 +116,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(converted, tmp_path_factory):
-    """`ms-xcomposer serve` on 127.0.0.1 with a free port (--port 0; the URL read from its first line)."""
+def launched(converted):
+    """`ms-xcomposer serve` started on 127.0.0.1 with a free port (--port 0; the URL read from its output); not
+    waited for, so that it loads while `expected` is computed."""
     cmd = [sys.executable, "-m", "ms_xcomposer", "serve", converted, "--host", "127.0.0.1", "--port", "0",
            "--max-batch", "8", "--max-queue", "16", "--api-key", KEY, "--allowed-local-media", DATA,
            "--max-images", "4", "--max-body-mb", "1", "--max-pixels", "2000000"]
@@ -135,13 +136,19 @@ def server(converted, tmp_path_factory):
                 found.set()
 
     threading.Thread(target=read, daemon=True).start()
-    if not found.wait(START_TIMEOUT_S):
-        proc.kill()
-        pytest.fail("the server did not start:\n" + "".join(log))
-    yield Server(proc, url_box[0], log)
+    yield proc, found, url_box, log
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(launched, expected):
+    proc, found, url_box, log = launched
+    if not found.wait(START_TIMEOUT_S):
+        proc.kill()
+        pytest.fail("the server did not start:\n" + "".join(log))
+    return Server(proc, url_box[0], log)
 
 
 def ask(client, messages, stream=False, **extra):
