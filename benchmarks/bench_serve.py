@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -171,7 +171,7 @@ def run_server(name: str, cmd: List[str], requests: int, max_tokens: int) -> Lis
 
 
 def section(results: Dict[str, List[Dict[str, float]]], args, load_before: float) -> Tuple[str, List[str]]:
-    lines = [f"## Serving: continuous batching (`python benchmarks/bench_serve.py`)", "",
+    lines = ["## Serving: continuous batching (`python benchmarks/bench_serve.py`)", "",
              f"`ms-xcomposer serve` subprocess on 127.0.0.1, {args.mode} mode, --max-batch 16; c clients each send "
              f"{args.requests} streaming text-only requests in turn (short prompts, greedy, max_tokens "
              f"{args.max_tokens} tiny / {args.max_tokens_full} full-width). tokens/s = completion tokens / phase "
@@ -201,15 +201,15 @@ def section(results: Dict[str, List[Dict[str, float]]], args, load_before: float
         prefill_share = c8["requests"] * base["ttft"] / c8["wall"]
         lines += [f"Alone (c=1): the first token after {base['ttft']:.2f} s (queue + prefill of a short prompt), "
                   f"then {decode_ms:.0f} ms per token. At c=8 the {c8['requests']} prefills alone would take about "
-                  f"{prefill_share:.0%} of the phase's wall time (each new request's prefill pauses the running "
-                  "rows; prefill is compute-bound, so batching does not make it cheaper per token).", ""]
+                  f"{prefill_share:.0%} of the phase's wall time, at the c=1 prefill time each (every new request's "
+                  "prefill pauses the running rows).", ""]
     lines += ["Targets:", "", "| target | result | measured |", "|---|---|---|"]
     lines += [f"| {v} |" for v in verdicts]
-    lines += ["", "Why full-width layers miss the targets on this machine: on 2 CPU cores a prefill of a short prompt "
-              "costs several decode steps and is compute-bound (batching joiners does not shorten it), and every "
-              "arrival's prefill pauses the running rows, so at short max_tokens prefill dominates the phase (the "
-              "estimate above). The tiny model's steps are overhead-bound, so there batching shows its full effect. "
-              "Not done: interleaving prefill chunks with decode steps, which would bound the pause."]
+    lines += ["", "Reading the full-width rows: on 2 CPU cores the prefill of a short prompt costs several decode "
+              "steps (the c=1 line), every arrival's prefill pauses the running rows, and with short answers the "
+              "prefills take a large share of the phase (the estimate above), which batching decode steps cannot "
+              "recover; TTFT grows with the prefills queued ahead. Not done: interleaving prefill chunks with decode "
+              "steps (bounds the pause), and a profile of a batched decode step against one row's."]
     return "\n".join(lines) + "\n", verdicts
 
 

@@ -142,7 +142,7 @@ class DecodeBatch:
         for i, row in enumerate(rows):
             row.length = row.prompt_length
             row.push(logits[i:i + 1])
-        self.cache = out.past_key_values if self.cache is None else _concat(self.cache, out.past_key_values)
+        self.cache = out.past_key_values if self.cache is None else self.cache.concat(out.past_key_values)
         self.rows.extend(rows)
         return self._drop_done()
 
@@ -194,14 +194,6 @@ class DecodeBatch:
             self.rows = [self.rows[i] for i in keep]
             self.cache = self.cache.select(keep) if keep else None
         return done
-
-
-def _concat(a: KVCache, b: KVCache) -> KVCache:
-    """The rows of `a` then those of `b`, at the larger capacity of the two."""
-    capacity = max(a.capacity, b.capacity)
-    a, b = a.grow(capacity), b.grow(capacity)
-    return KVCache(tuple(ops.cat((x, y), 0) for x, y in zip(a.keys, b.keys)),
-                   tuple(ops.cat((x, y), 0) for x, y in zip(a.values, b.values)), max(a.length, b.length))
 
 
 def _numpy(x) -> np.ndarray:

@@ -235,7 +235,7 @@ BAD_REQUESTS = [
     ("malformed JSON", b'{"model": "ms", "messages": [', None, KEY, 400, "not valid JSON"),
     ("bad base64", _chat_body(messages=_image_message("data:image/png;base64,%%%notbase64")), None, KEY, 400,
      "base64 is malformed"),
-    ("not an image", _chat_body(messages=_image_message("data:image/png;base64," + base64.b64encode(b"hello").decode())),
+    ("not an image", _chat_body(messages=_image_message("data:image/png;base64," + base64.b64encode(b"hi").decode())),
      None, KEY, 400, "not a readable image"),
     ("not an image type", _chat_body(messages=_image_message("data:text/plain;base64,aGVsbG8=")), None, KEY, 400,
      "not an image"),

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from ms_xcomposer.images import ImageError, image_from_bytes, load_image
-from ms_xcomposer.server.protocol import ApiError, bad
+from ms_xcomposer.server.protocol import bad
 
 
 def load_image_url(url: str, allowed_local_media: Optional[str], max_pixels: int) -> Image.Image:
