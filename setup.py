@@ -26,7 +26,9 @@ setup(
         "parity": ["torch==2.13.0", "transformers==4.57.1"],
         # Video files for IXC-2.5 chat (lists of frames and GIFs need nothing extra).
         "video": ["av"],
-        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "av"],
+        # `ms-xcomposer serve`: the OpenAI-compatible HTTP server.
+        "serve": ["fastapi", "uvicorn"],
+        "test": ["pytest", "torch==2.13.0", "transformers==4.57.1", "av", "fastapi", "uvicorn", "openai"],
     },
     entry_points={"console_scripts": ["ms-xcomposer=ms_xcomposer.cli:main"]},
 )

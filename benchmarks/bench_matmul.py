@@ -159,8 +159,9 @@ FINDINGS = """### Findings
      `sched_yield` in a `perf` profile) for the backend queue: on 2 cores it takes a core from oneDNN's two
      threads (dispatch table). `ms_xcomposer.runtime.setup` sets `pynative_synchronize=True` on CPU.
   3. Broadcasting elementwise kernels (`Add`/`Mul` of [N, M] with [M] or [N, 1]) run single-threaded, about
-     10x slower than same-shape ones: biases now use `BiasAdd` (`layers.linear`, the attention mask), and
-     PLoRA's image-row mask multiplies the rank-r activations instead of the [S, out] product.
+     10x slower than same-shape ones: biases now use `BiasAdd` (`layers.linear`), the attention mask is tiled
+     to the scores' shape and added (as fast as a `BiasAdd`, and per batch row), and PLoRA's image-row mask
+     multiplies the rank-r activations instead of the [S, out] product.
   4. The attention took `keys.swapaxes(-1, -2)` of the whole KV cache every step (a Transpose of
      [1, 8, capacity, 128] per layer, 9% of a decode step); it now uses `BatchMatMul(transpose_b=True)`.
 - Settings (last table): none beats the default (two op threads on 2 cores); `runtime_num_threads=1` halves

@@ -7,7 +7,7 @@ IXC-2.5-7B).
                              generation=GenerationConfig(max_new_tokens=256))
 
 The names below are imported on first use, so `import ms_xcomposer` stays light (no MindSpore until needed).
-`chat`, `chat_with_ids` and `stream_chat` live in `ms_xcomposer.conversation` (a module named `chat` would be
+`chat`, `chat_with_ids`, `stream_chat` and `batch_chat` live in `ms_xcomposer.conversation` (a module named `chat` would be
 shadowed by the function of the same name here).
 """
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ _EXPORTS = {
     "chat": "ms_xcomposer.conversation",
     "chat_with_ids": "ms_xcomposer.conversation",
     "stream_chat": "ms_xcomposer.conversation",
+    "batch_chat": "ms_xcomposer.conversation",
     "GenerationConfig": "ms_xcomposer.generation",
     "KVCache": "ms_xcomposer.cache",
     "InternLM2Tokenizer": "ms_xcomposer.tokenizer",

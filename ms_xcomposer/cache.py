@@ -56,6 +56,13 @@ class KVCache:
 
         return KVCache(tuple(map(widen, self.keys)), tuple(map(widen, self.values)), self.length)
 
+    def concat(self, other: "KVCache") -> "KVCache":
+        """The rows of this cache then those of `other`, at the larger capacity of the two (rows joining a batch)."""
+        capacity = max(self.capacity, other.capacity)
+        a, b = self.grow(capacity), other.grow(capacity)
+        return KVCache(tuple(ops.cat((x, y), 0) for x, y in zip(a.keys, b.keys)),
+                       tuple(ops.cat((x, y), 0) for x, y in zip(a.values, b.values)), max(a.length, b.length))
+
     def select(self, batch_index: Sequence[int]) -> "KVCache":
         """Rows `batch_index` of every layer (beam-search reordering, or repeating a prompt's cache)."""
         idx = Tensor(np.asarray(batch_index, dtype=np.int32))

@@ -19,7 +19,7 @@ from typing import List, Optional
 # terminal. Set here, before any command module can import mindspore, unless the user chose a level.
 os.environ.setdefault("GLOG_v", "3")
 
-COMMANDS = ("convert", "export_hf", "verify", "info", "chat", "parity", "demo")
+COMMANDS = ("convert", "export_hf", "verify", "info", "chat", "serve", "parity", "demo")
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = """exit codes:
   0    success
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  ms-xcomposer demo\n"
                "  ms-xcomposer convert ./internlm-xcomposer2d5-7b ./ixc25-ms\n"
                "  ms-xcomposer info ./ixc25-ms\n"
-               "  ms-xcomposer chat ./ixc25-ms --image photo.jpg --query 'Describe this image.'\n\n" + EXIT_CODES,
+               "  ms-xcomposer chat ./ixc25-ms --image photo.jpg --query 'Describe this image.'\n"
+               "  ms-xcomposer serve ./ixc25-ms --port 8000\n\n" + EXIT_CODES,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -3,7 +3,9 @@ decodes. The public entry points are re-exported at the top level (`from ms_xcom
 
 - `chat(model, processor, query, images=None, history=(), generation=None, **options)` -> (response, history);
 - `chat_with_ids(...)` -> `ChatResult` (response, history, the new token ids, the raw `GenerationOutput`);
-- `stream_chat(...)` -> `ChatStream`: iterate for text as it is produced; `.result` once it is exhausted.
+- `stream_chat(...)` -> `ChatStream`: iterate for text as it is produced; `.result` once it is exhausted;
+- `batch_chat(model, processor, queries, images=..., ...)` -> [(response, history)]: several turns in one batch
+  (`batch_chat_with_ids` -> a `ChatResult` each).
 
 `generation` is a `GenerationConfig` (default: the model's, i.e. the checkpoint's generation_config.json over
 the class defaults: greedy). Keyword arguments that are GenerationConfig fields override it (`do_sample=True`,
@@ -79,13 +81,14 @@ def generation_config(model, processor, generation: Optional[GenerationConfig] =
     return cfg.updated(eos_token_id=tuple(dict.fromkeys((*processor.eos_token_ids, *cfg.eos_token_id))))
 
 
-def _split_kwargs(kwargs: dict) -> Tuple[dict, dict]:
+def split_options(kwargs: dict) -> Tuple[dict, dict]:
     """(GenerationConfig fields, the family's options) of a chat call's keyword arguments."""
     names = GenerationConfig.field_names()
     return ({k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names})
 
 
-def _stop_check(processor, cfg: GenerationConfig) -> Optional[Callable[[List[int]], bool]]:
+def stop_check(processor, cfg: GenerationConfig) -> Optional[Callable[[List[int]], bool]]:
+    """should_stop(generated ids) for `cfg.stop` strings, or None without them."""
     if not cfg.stop:
         return None
     return lambda ids: any(s in processor.tokenizer.decode(ids, skip_special_tokens=True) for s in cfg.stop)
@@ -109,7 +112,7 @@ def prepare_turn(model, processor, query: str, images: Optional[List[object]], h
                  generation: Optional[GenerationConfig] = None, **kwargs) -> Turn:
     """Options checked and the prompt built (prompt, option and image errors raise here), nothing generated.
     `images` goes to the processor as given (None: the text-only path)."""
-    overrides, options = _split_kwargs(kwargs)
+    overrides, options = split_options(kwargs)
     cfg = generation_config(model, processor, generation, **overrides)
     return Turn(cfg, processor.prepare(model, query, images, history, **options))
 
@@ -119,7 +122,13 @@ def run_turn(model, processor, query: str, history: Sequence[Tuple[str, str]], t
     """Generate and decode a prepared turn."""
     cfg, inputs = turn.generation, turn.inputs
     out = generate(model, inputs.inputs_embeds, cfg, streamer=streamer, prompt_ids=inputs.penalty_ids,
-                   should_stop=_stop_check(processor, cfg), **inputs.extras)
+                   should_stop=stop_check(processor, cfg), **inputs.extras)
+    return finish_turn(processor, query, history, cfg, out)
+
+
+def finish_turn(processor, query: str, history: Sequence[Tuple[str, str]], cfg: GenerationConfig,
+                out: GenerationOutput) -> ChatResult:
+    """The `ChatResult` of a turn's generated ids: the response decoded and cut at the stop strings."""
     response = _cut_at_stop(processor.decode(out.ids), cfg.stop)
     return ChatResult(response, list(history) + [(query, response)], list(out.ids), out)
 
@@ -162,6 +171,64 @@ def chat(model, processor, query: str, images: Optional[Sequence[object]] = None
     """
     result = chat_with_ids(model, processor, query, images, history, generation, streamer, **kwargs)
     return result.response, result.history
+
+
+def batch_chat(model, processor, queries: Sequence[str], images: Optional[Sequence[object]] = None,
+               histories: Optional[Sequence[Sequence[Tuple[str, str]]]] = None,
+               generation: Optional[GenerationConfig] = None, **kwargs) -> List[Tuple[str, History]]:
+    """Several chat turns generated together in one batch -> [(response, history)], one per query, in order.
+    Arguments as `batch_chat_with_ids`."""
+    return [(r.response, r.history) for r in
+            batch_chat_with_ids(model, processor, queries, images, histories, generation, **kwargs)]
+
+
+def batch_chat_with_ids(model, processor, queries: Sequence[str], images: Optional[Sequence[object]] = None,
+                        histories: Optional[Sequence[Sequence[Tuple[str, str]]]] = None,
+                        generation: Optional[GenerationConfig] = None, **kwargs) -> List[ChatResult]:
+    """Several chat turns generated together in one batch -> a `ChatResult` per query, in order.
+
+    Args:
+        queries: the user messages.
+        images: one entry per query: None (text-only) or that query's images (a list, or one image); None for all
+            text-only.
+        histories: one history per query (default: none).
+        generation, **kwargs: as `chat`, the same for every row.
+
+    Each row's tokens are those `chat` gives for the same arguments (its own positions, RoPE, PLoRA mask;
+    padding never changes a row's numbers; with sampling each row draws from its own generator seeded by
+    `seed`). Rows with different step flags (e.g. XComposer2's infer_mode) cannot share a batch: they are in
+    separate batches. Beam search (num_beams > 1) is not batched: those rows run one after the other.
+    Every prompt is built before anything is generated, so a bad input raises before any work.
+    """
+    from ms_xcomposer.batching import DecodeBatch, Row, batch_key
+
+    queries = list(queries)
+    per_query_images = [None] * len(queries) if images is None else list(images)
+    per_query_history = [()] * len(queries) if histories is None else [list(h) for h in histories]
+    for name, values in (("images", per_query_images), ("histories", per_query_history)):
+        if len(values) != len(queries):
+            raise ValueError(f"batch_chat: {len(queries)} queries but {len(values)} {name}")
+    turns = [prepare_turn(model, processor, q, image_list(i), h, generation, **kwargs)
+             for q, i, h in zip(queries, per_query_images, per_query_history)]
+    results: List[Optional[ChatResult]] = [None] * len(queries)
+    groups: Dict[tuple, List[int]] = {}
+    for i, turn in enumerate(turns):
+        if turn.generation.num_beams > 1:
+            results[i] = run_turn(model, processor, queries[i], per_query_history[i], turn)
+        else:
+            groups.setdefault(batch_key(model, turn.inputs.extras), []).append(i)
+    for key, members in groups.items():
+        rows = {i: Row(turns[i].inputs, turns[i].generation, should_stop=stop_check(processor, turns[i].generation))
+                for i in members}
+        batch = DecodeBatch(model, key)
+        batch.join(list(rows.values()))
+        while len(batch):
+            batch.step()
+        for i, row in rows.items():
+            if row.error is not None:
+                raise row.error
+            results[i] = finish_turn(processor, queries[i], per_query_history[i], turns[i].generation, row.output)
+    return results
 
 
 # ---- streaming -------------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ It knows nothing of PLoRA, images or any family. A family's model subclasses `Ca
   `layer(x, token_mask, cos, sin, positions, bias, k_cache, v_cache, flags)` and returns (x, k_cache, v_cache).
   Extras named in `per_token_extras` describe the prompt only; generation leaves them out of decode steps.
 
+Rows of a batch are independent: each has its own positions (= its KV-cache slots), RoPE tables and attention
+bias, so rows of different lengths (left-padded prompts, rows decoding at different positions) share one call.
+A padding token (position -1) is written to a slot after its row's last token, which the row's next tokens
+overwrite, and no real token ever sees it: padding never changes a row's numbers.
+
 Compiled pieces. The model itself is not compiled; it drives small parameter-free Cells that reference its
 sub-cells (so parameter names stay the HF keys) and that MindSpore compiles in GRAPH mode:
 - `DecoderStep`: embeddings -> decoder layers (KV cache in/out) -> norm -> logits. Batch, sequence and cache
@@ -63,9 +68,9 @@ class DecoderStep(GraphPiece):
         cache = ms.mutable(tuple(Tensor(shape=[None, llm.num_key_value_heads, None, llm.head_dim], dtype=dt)
                                  for _ in range(llm.num_hidden_layers)))
         self.set_inputs(Tensor(shape=[None, None, llm.hidden_size], dtype=dt), Tensor(shape=[None, None, 1], dtype=dt),
-                        Tensor(shape=[None, llm.head_dim], dtype=dt), Tensor(shape=[None, llm.head_dim], dtype=dt),
-                        Tensor(shape=[None], dtype=ms.int32), Tensor(shape=[None, None], dtype=ms.float32),
-                        cache, cache)
+                        Tensor(shape=[None, None, llm.head_dim], dtype=dt),
+                        Tensor(shape=[None, None, llm.head_dim], dtype=dt), Tensor(shape=[None, None], dtype=ms.int32),
+                        Tensor(shape=[None, None, None], dtype=ms.float32), cache, cache)
 
     def construct(self, embeds, token_mask, cos, sin, positions, bias, k_caches, v_caches):
         x = embeds
@@ -148,12 +153,14 @@ class CausalLM(nn.Cell):
     # ---- the language-model call -----------------------------------------------------------------------
     def __call__(self, input_ids=None, inputs_embeds=None, past_key_values: Optional[KVCache] = None,
                  use_cache: bool = False, last_logits_only: bool = False, output_hidden_states: bool = False,
-                 cache_capacity: Optional[int] = None, **extras) -> CausalLMOutput:
+                 cache_capacity: Optional[int] = None, positions=None, **extras) -> CausalLMOutput:
         """Run the language model on new tokens, continuing `past_key_values` when given.
 
         input_ids [B, S] or inputs_embeds [B, S, hidden]; `extras`: the family's per-call arguments (see
         `step_inputs`). Returns CausalLMOutput (logits float32 [B, S, vocab], or [B, 1, vocab] with
         last_logits_only). `cache_capacity` reserves room for later tokens in the returned cache.
+        `positions` [B, S]: each new token's position in its row (-1: padding; see `row_positions`); default
+        cache length + 0..S-1 for every row. The returned cache's `length` is the longest row's.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -166,7 +173,10 @@ class CausalLM(nn.Cell):
         llm = self.llm_config
         cache = past_key_values
         start = cache.length if cache is not None else 0
-        total = start + seq
+        if positions is None:
+            positions = np.broadcast_to(np.arange(start, start + seq), (batch, seq))
+        slots, cos, sin, ends = row_positions(llm, positions, batch, seq)
+        total = int(slots.max()) + 1
         want = max(total, cache_capacity or 0)
         if cache is None:
             cache = KVCache.allocate(llm, batch, round_capacity(want) if use_cache else total, self.compute_dtype)
@@ -175,21 +185,21 @@ class CausalLM(nn.Cell):
         elif cache.capacity < total:
             cache = cache.grow(round_capacity(want))
 
-        cos, sin = rope.cos_sin(llm, start, seq)  # the base of the whole call's length (dynamic NTK)
         step = self._piece(("llm", flags, last_logits_only, output_hidden_states),
                            lambda: DecoderStep(self, flags, last_logits_only, output_hidden_states))
         keys, values = cache.keys, cache.values
         cache = None  # a cache allocated here is dropped as soon as the first chunk has written its copy
-        logits, keys, values, hidden = self._run_in_chunks(step, embeds, mask, cos, sin, start, keys, values,
+        logits, keys, values, hidden = self._run_in_chunks(step, embeds, mask, cos, sin, slots, keys, values,
                                                            last_logits_only, output_hidden_states)
+        length = max(start, int(ends.max()))
         return CausalLMOutput(
             logits=logits,
-            past_key_values=KVCache(tuple(keys), tuple(values), total) if use_cache else None,
+            past_key_values=KVCache(tuple(keys), tuple(values), length) if use_cache else None,
             hidden_states=hidden,
         )
 
     def _run_in_chunks(self, step: DecoderStep, embeds: Tensor, mask: np.ndarray, cos: np.ndarray,
-                       sin: np.ndarray, start: int, keys, values, last_only: bool, hidden_states: bool):
+                       sin: np.ndarray, slots: np.ndarray, keys, values, last_only: bool, hidden_states: bool):
         """The new rows through `step` in chunks of `prefill_chunk` rows, each attending to the cache written
         so far and itself, so the [heads, rows, capacity] scores of one call stay chunk-sized (linear memory in
         the prompt length). Every chunk uses the same compiled graph (the sequence dimension is dynamic).
@@ -204,11 +214,11 @@ class CausalLM(nn.Cell):
         for a in range(0, seq, size):
             b = min(seq, a + size)
             rows = embeds if (a, b) == (0, seq) else embeds[:, a:b]
-            query_pos = np.arange(start + a, start + b)
+            chunk_slots = np.ascontiguousarray(slots[:, a:b])
             logits, keys, values, hidden = step(
-                rows, Tensor(mask[:, a:b, None]).astype(dt), Tensor(cos[a:b]).astype(dt),
-                Tensor(sin[a:b]).astype(dt), Tensor(query_pos.astype(np.int32)),
-                Tensor(causal_bias(query_pos, capacity)), ms.mutable(tuple(keys)), ms.mutable(tuple(values)))
+                rows, Tensor(mask[:, a:b, None]).astype(dt), Tensor(cos[:, a:b]).astype(dt),
+                Tensor(sin[:, a:b]).astype(dt), Tensor(chunk_slots),
+                Tensor(attention_bias(chunk_slots, capacity)), ms.mutable(tuple(keys)), ms.mutable(tuple(values)))
             if not last_only:
                 logits_parts.append(logits)
             if hidden_states:
@@ -253,10 +263,35 @@ class CausalLM(nn.Cell):
         return model
 
 
-def causal_bias(query_pos: np.ndarray, capacity: int) -> np.ndarray:
-    """[S, capacity] float32 additive attention bias: 0 where the key position <= the query's, else MASKED
-    (later positions and the cache's empty slots)."""
-    return np.where(np.arange(capacity)[None, :] <= query_pos[:, None], 0.0, MASKED).astype(np.float32)
+def row_positions(llm: LLMConfig, positions, batch: int, seq: int
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(slots int32 [B, S], cos, sin float32 [B, S, head_dim], ends [B]) of new tokens at `positions` [B, S].
+
+    A real token's slot is its position; padding tokens (position -1) take the slots right after their row's
+    last real token, distinct, so they never overwrite a real key. `ends[b]` is row b's length after the call,
+    the length dynamic NTK RoPE scales its base by (each row by its own, as if it ran alone).
+    """
+    pos = np.asarray(positions)
+    if pos.shape != (batch, seq) or pos.dtype.kind not in "iu":
+        raise ValueError(f"positions must be integers of shape {(batch, seq)}, got {pos.dtype} {pos.shape}")
+    real = pos >= 0
+    if not real.any(axis=1).all():
+        raise ValueError(f"every row needs at least one real (non-negative) position; rows "
+                         f"{np.flatnonzero(~real.any(axis=1)).tolist()} have none")
+    ends = np.where(real, pos, -1).max(axis=1) + 1
+    pad_slots = ends[:, None] + np.cumsum(~real, axis=1) - 1
+    slots = np.where(real, pos, pad_slots).astype(np.int32)
+    cos = np.empty((batch, seq, llm.head_dim), np.float32)
+    sin = np.empty_like(cos)
+    for row in range(batch):
+        cos[row], sin[row] = rope.cos_sin_at(llm, slots[row], int(ends[row]))
+    return slots, cos, sin, ends
+
+
+def attention_bias(slots: np.ndarray, capacity: int) -> np.ndarray:
+    """[B, S, capacity] float32: 0 where a token at slot `slots[b, s]` sees cache slot k (k <= its slot), else
+    MASKED (later and empty slots)."""
+    return np.where(np.arange(capacity)[None, None, :] <= slots[:, :, None], 0.0, MASKED).astype(np.float32)
 
 
 def _as_tensor(x, dtype) -> Tensor:

@@ -280,18 +280,23 @@ def generate(model, inputs_embeds, config: Optional[GenerationConfig] = None, st
     return result
 
 
+def choose_token(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, history: Sequence[int]) -> int:
+    """The next token of one sequence from its last logits [1, vocab]: the repetition penalty over `history`
+    (penalised ids and the generated ones), then argmax, or a draw from the warped softmax when sampling."""
+    scores = apply_repetition_penalty(logits.astype(np.float32), [history], cfg.repetition_penalty)
+    if cfg.do_sample:
+        probs = _softmax(apply_warpers(scores, cfg).astype(np.float64))[0]
+        return int(rng.choice(probs.shape[0], p=probs / probs.sum()))
+    return int(np.argmax(scores[0]))
+
+
 def _greedy_or_sample(stepper: _Stepper, logits: np.ndarray, cfg: GenerationConfig, streamer: Optional[Streamer],
                       prefix: List[int], should_stop: Optional[Callable[[List[int]], bool]]) -> GenerationOutput:
     rng = np.random.default_rng(cfg.seed)
     eos = set(cfg.eos_token_id)
     generated: List[int] = []
     for step in range(cfg.max_new_tokens):
-        scores = apply_repetition_penalty(logits.astype(np.float32), [prefix + generated], cfg.repetition_penalty)
-        if cfg.do_sample:
-            probs = _softmax(apply_warpers(scores, cfg).astype(np.float64))[0]
-            token = int(rng.choice(probs.shape[0], p=probs / probs.sum()))
-        else:
-            token = int(np.argmax(scores[0]))
+        token = choose_token(logits, cfg, rng, prefix + generated)
         generated.append(token)
         if streamer is not None:
             streamer.put([token])

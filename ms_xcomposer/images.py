@@ -67,19 +67,34 @@ def open_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """The image file at `path` opened and decoded, its size checked from the header before decoding."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} not found")
+    return _decode(path, path, max_pixels)
+
+
+def image_from_bytes(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB image from encoded bytes (PNG, JPEG, ...), with `open_image`'s checks; errors name `name`."""
+    import io
+
+    img = _decode(io.BytesIO(data), name, max_pixels)
+    try:
+        return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{name!r} cannot be converted to RGB: {e}") from None
+
+
+def _decode(source, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # PIL warns above its own limit; the explicit check below decides instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        check_size(img.size, path, max_pixels)  # from the header, before decoding
+            img = Image.open(source)
+        check_size(img.size, name, max_pixels)  # from the header, before decoding
         img.load()
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path!r}: image too large to decode safely ({e})") from None
+        raise ImageError(f"{name!r}: image too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         if isinstance(e, ImageError):
             raise
-        raise ImageError(f"{path!r} is not a readable image: {e}") from None
+        raise ImageError(f"{name!r} is not a readable image: {e}") from None
     return img
 
 

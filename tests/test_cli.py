@@ -62,7 +62,7 @@ def lib_chat(library, query, image, history=(), **kwargs):
 def test_help_lists_every_command_and_the_exit_codes():
     out = run_cli("--help", timeout=120)
     assert out.returncode == 0, out.stderr
-    for name in ("convert", "export-hf", "verify", "info", "chat", "parity", "demo"):
+    for name in ("convert", "export-hf", "verify", "info", "chat", "serve", "parity", "demo"):
         assert re.search(rf"^    {re.escape(name)}\b", out.stdout, re.M), name
     for code in ("0 ", "1 ", "2 ", "3 ", "130"):
         assert re.search(rf"^  {code}", out.stdout, re.M), code
@@ -72,11 +72,11 @@ def test_help_lists_every_command_and_the_exit_codes():
 def test_commands_tuple_names_modules_that_all_register():
     sub = cli.build_parser()._subparsers._group_actions[0]
     registered = set(sub.choices)
-    assert registered == {"convert", "export-hf", "verify", "info", "chat", "parity", "demo"}
+    assert registered == {"convert", "export-hf", "verify", "info", "chat", "serve", "parity", "demo"}
     assert len(cli.COMMANDS) == len(registered)
 
 
-@pytest.mark.parametrize("command", ["convert", "export-hf", "verify", "info", "chat", "parity", "demo"])
+@pytest.mark.parametrize("command", ["convert", "export-hf", "verify", "info", "chat", "serve", "parity", "demo"])
 def test_every_command_help_has_examples(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])

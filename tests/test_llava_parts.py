@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from ms_xcomposer.config import LLMConfig  # noqa: E402
-from ms_xcomposer.models import rope  # noqa: E402
+from ms_xcomposer.engine import attention_bias, row_positions  # noqa: E402
 from ms_xcomposer.models.layers import Linear  # noqa: E402
 from ms_xcomposer.models.llama import LlamaModel  # noqa: E402
 from ms_xcomposer.config import ConfigError  # noqa: E402
@@ -39,7 +39,6 @@ FP32 = ("float32", "float32")
 
 
 # ---- the LLaMA decoder against transformers' LlamaForCausalLM ---------------------------------------------
-MASKED = -1e30
 LLAMA_CONFIGS = {
     # hidden 64, 2 layers, 4 heads (head_dim 16); GQA 2 with plain RoPE, MHA with linear scaling
     "gqa2": dict(num_key_value_heads=2, rope_theta=10000.0, rope_scaling=None),
@@ -109,14 +108,13 @@ class _Embed(nn.Cell):
 
 def _run(step, embed, cfg, ids, start, k_caches, v_caches):
     """New tokens `ids` [B, S] at positions start.. with the caches; as the engine prepares a call."""
-    seq = ids.shape[1]
-    cos, sin = rope.cos_sin(cfg, start, seq)
-    capacity = k_caches[0].shape[2]
-    query_pos = np.arange(start, start + seq)
-    bias = np.where(np.arange(capacity)[None, :] <= query_pos[:, None], 0.0, MASKED).astype(np.float32)
+    batch, seq = ids.shape
+    positions = np.broadcast_to(np.arange(start, start + seq), (batch, seq))
+    slots, cos, sin, _ = row_positions(cfg, positions, batch, seq)
+    bias = attention_bias(slots, k_caches[0].shape[2])
     embeds = embed(ms.Tensor(ids.astype(np.int32)))
     mask = ms.Tensor(np.zeros(ids.shape + (1,), np.float32))
-    return step(embeds, mask, ms.Tensor(cos), ms.Tensor(sin), ms.Tensor(query_pos.astype(np.int32)), ms.Tensor(bias),
+    return step(embeds, mask, ms.Tensor(cos), ms.Tensor(sin), ms.Tensor(slots), ms.Tensor(bias),
                 ms.mutable(tuple(k_caches)), ms.mutable(tuple(v_caches)))
 
 

@@ -34,19 +34,19 @@ class CachedAttention(nn.Cell):
         # every step (CPU Transpose kernel), and `ops.matmul` adds a BroadcastTo in GRAPH mode.
         self.bmm_nt = ops.BatchMatMul(transpose_b=True)
         self.bmm = ops.BatchMatMul()
-        self.bias_add = ops.BiasAdd()
 
     def construct(self, q, k, v, cos, sin, positions, bias, k_cache, v_cache):
-        """q [B,KV,G,S,D], k/v [B,KV,S,D] (before RoPE); cos/sin [S,D]; positions [S] int32; bias [S,C] float32
-        (0 visible, -1e30 hidden); caches [B,KV,C,D].
+        """q [B,KV,G,S,D], k/v [B,KV,S,D] (before RoPE); cos/sin [B,S,D]; positions [B,S] int32 (each row's cache
+        slots); bias [B,S,C] float32 (0 visible, -1e30 hidden); caches [B,KV,C,D].
 
         Returns (out [B, S, KV*G*D] with heads in order kv * G + g, k_cache, v_cache), the S new keys/values
-        written at `positions`. Scores and softmax run in float32.
+        of each row written at its `positions`. Scores and softmax run in float32.
         """
         b, kv, g, s, d = q.shape
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        index = ops.broadcast_to(positions.reshape(1, 1, -1, 1), k.shape)
+        cos_k, sin_k = cos.reshape(b, 1, s, d), sin.reshape(b, 1, s, d)
+        q = q * cos_k.reshape(b, 1, 1, s, d) + rotate_half(q) * sin_k.reshape(b, 1, 1, s, d)
+        k = k * cos_k + rotate_half(k) * sin_k
+        index = ops.broadcast_to(positions.reshape(b, 1, s, 1), k.shape)
         k_cache = ops.tensor_scatter_elements(k_cache, index, k.astype(k_cache.dtype), axis=2)
         v_cache = ops.tensor_scatter_elements(v_cache, index, v.astype(v_cache.dtype), axis=2)
         keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
@@ -57,9 +57,10 @@ class CachedAttention(nn.Cell):
                                             input_layout="BNSD")
             return out.transpose(0, 2, 1, 3).reshape(b, s, -1), k_cache, v_cache
         scores = self.bmm_nt(q.reshape(b, kv, g * s, d), keys) * self.inv_sqrt_d
-        # The [S, C] bias is added to each (batch, head) block as a BiasAdd over the flattened [S * C] axis:
-        # MindSpore's CPU broadcasting Add runs single-threaded, 10x slower on prefill-sized scores.
-        scores = self.bias_add(scores.astype(ms.float32).reshape(b * kv * g, -1), bias.reshape(-1))
+        # Each row's [S, C] bias repeated over its heads, then a same-shape Add: MindSpore's CPU broadcasting Add
+        # runs single-threaded, 4-10x slower on prefill-sized scores; Tile + Add costs what a BiasAdd did.
+        row_bias = ops.tile(bias.reshape(b, 1, -1), (1, kv * g, 1))
+        scores = scores.astype(ms.float32).reshape(b, kv * g, -1) + row_bias
         probs = ops.softmax(scores.reshape(b, kv, g * s, -1), -1).astype(q.dtype)
         out = self.bmm(probs, values).reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, -1)
         return out, k_cache, v_cache

@@ -67,7 +67,7 @@ class InternLM2Attention(nn.Cell):
         self.attend = CachedAttention(self.head_dim)
 
     def construct(self, x, im_mask, cos, sin, positions, bias, k_cache, v_cache, use_plora, infer_mode):
-        """x [B,S,H]; cos/sin [S,D]; positions [S] int32; bias [S,C] float32; caches [B,KV,C,D].
+        """x [B,S,H]; cos/sin [B,S,D]; positions [B,S] int32; bias [B,S,C] float32; caches [B,KV,C,D].
 
         Returns (out [B,S,H], k_cache, v_cache) with the S new keys/values written at `positions`.
         """

@@ -37,7 +37,7 @@ class LlamaAttention(nn.Cell):
         self.attend = CachedAttention(cfg.head_dim)
 
     def construct(self, x, cos, sin, positions, bias, k_cache, v_cache):
-        """x [B,S,H]; cos/sin [S,D]; positions [S] int32; bias [S,C] float32; caches [B,KV,C,D]."""
+        """x [B,S,H]; cos/sin [B,S,D]; positions [B,S] int32; bias [B,S,C] float32; caches [B,KV,C,D]."""
         b, s, _ = x.shape
         kv, g, d = self.num_kv_heads, self.groups, self.head_dim
         q = self.q_proj(x).reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, S, D]

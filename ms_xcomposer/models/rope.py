@@ -40,8 +40,14 @@ def inv_freq(cfg: LLMConfig, total_len: int) -> np.ndarray:
 
 def cos_sin(cfg: LLMConfig, start: int, length: int, total_len: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """cos, sin [length, head_dim] float32 for positions start .. start+length-1 (computed in float64)."""
-    freqs = inv_freq(cfg, total_len if total_len is not None else start + length)
-    positions = np.arange(start, start + length, dtype=np.float64)
+    return cos_sin_at(cfg, np.arange(start, start + length), total_len if total_len is not None else start + length)
+
+
+def cos_sin_at(cfg: LLMConfig, positions: np.ndarray, total_len: int) -> Tuple[np.ndarray, np.ndarray]:
+    """cos, sin [len(positions), head_dim] float32 for the given positions of a sequence `total_len` long (the
+    length dynamic NTK scales its base by), computed in float64 and rounded once."""
+    freqs = inv_freq(cfg, total_len)
+    positions = np.asarray(positions).astype(np.float64)
     scaling = cfg.rope_scaling or {}
     if scaling.get("type") == "linear":
         positions = positions / float(scaling["factor"])
