@@ -5,13 +5,16 @@ built with numpy per call and fed to the compiled graph as inputs. This reproduc
 rotary cache is rebuilt with a new base whenever the total length exceeds max_position_embeddings, so each new
 token is rotated with the base for the current length while keys already in the KV cache keep theirs.
 
-Precision: the tables are computed in float64 and rounded to float32 once, at the end. The official code
-computes inverse frequencies and angles in float32, so a rotation at position p carries p x (its float32
-rounding): the float32 angle itself is off by up to half an ulp of p x inv_freq (1.2e-4 rad at p = 2048), and a
-one-ulp difference between two float32 `pow` kernels (numpy's vs PyTorch's SLEEF, for a non-integer dynamic-NTK
-base) moves the angle by p x 6e-8 x inv_freq. Measured on the golden IXC-2.5 tiny model against a float64 run
-(tables in float64): official float32 tables put the last logits 4.8x (2074 positions) and 5.7x (5000) outside
-the fp32 tolerance, float64-rounded tables 0.22x at both (issue 10; tests/test_long_context.py).
+Precision. Up to max_position_embeddings the tables are the official float32 ones (inverse frequencies, angles
+and cos/sin in float32, as the official PyTorch code computes them), so parity with it is exact to the last bit
+where the float32 `pow` kernels agree. Once dynamic NTK rescales the base (a non-integer base for every length),
+they are computed in float64 and rounded once: there the official float32 tables are not reproducible. Two float32
+`pow` kernels (numpy / glibc, PyTorch's SLEEF on CPU, CUDA) differ in the last bit of about 2% of the frequencies
+that matter, and position p turns one ulp into p x 6e-8 x inv_freq radians: at 5000 positions (NTK base 1.46e6)
+numpy's and PyTorch's tables differ by 7.5e-5 rad in one frequency, which moves the golden IXC-2.5 tiny model's
+last logits 3.0x the fp32 tolerance away from a float64 run (issue 10); the float64-rounded tables are 0.22x
+from it. Exact tables are not used below the limit because the official float32 rounding is what the released
+model's parity is judged on there (float64 tables moved the 854-row parity logits by 6.2e-4, over the fp32 bound).
 """
 from __future__ import annotations
 
@@ -32,25 +35,33 @@ def rope_base(cfg: LLMConfig, total_len: int) -> float:
     return cfg.rope_theta
 
 
-def inv_freq(cfg: LLMConfig, total_len: int) -> np.ndarray:
-    """[head_dim/2] float64 inverse frequencies for a call whose total length is `total_len`."""
+def ntk_active(cfg: LLMConfig, total_len: int) -> bool:
+    """Whether dynamic NTK rescales the base at this total length (the tables are then computed in float64)."""
+    return (cfg.rope_scaling or {}).get("type") == "dynamic" and total_len > cfg.max_position_embeddings
+
+
+def inv_freq(cfg: LLMConfig, total_len: int, dtype=np.float32) -> np.ndarray:
+    """[head_dim/2] inverse frequencies computed in `dtype` (float32: the official formula, op for op)."""
     d = cfg.head_dim
-    return 1.0 / (np.float64(rope_base(cfg, total_len)) ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    exponents = np.arange(0, d, 2, dtype=dtype) / dtype(d)
+    return (dtype(1.0) / (dtype(rope_base(cfg, total_len)) ** exponents)).astype(dtype)
 
 
 def cos_sin(cfg: LLMConfig, start: int, length: int, total_len: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """cos, sin [length, head_dim] float32 for positions start .. start+length-1 (computed in float64)."""
+    """cos, sin [length, head_dim] float32 for positions start .. start+length-1 (see the module doc for the
+    precision: official float32 tables, or float64 rounded once when dynamic NTK is active)."""
     return cos_sin_at(cfg, np.arange(start, start + length), total_len if total_len is not None else start + length)
 
 
 def cos_sin_at(cfg: LLMConfig, positions: np.ndarray, total_len: int) -> Tuple[np.ndarray, np.ndarray]:
     """cos, sin [len(positions), head_dim] float32 for the given positions of a sequence `total_len` long (the
-    length dynamic NTK scales its base by), computed in float64 and rounded once."""
-    freqs = inv_freq(cfg, total_len)
-    positions = np.asarray(positions).astype(np.float64)
+    length dynamic NTK scales its base by), in the precision the module doc describes."""
+    dtype = np.float64 if ntk_active(cfg, total_len) else np.float32
+    freqs = inv_freq(cfg, total_len, dtype)
+    positions = np.asarray(positions).astype(dtype)
     scaling = cfg.rope_scaling or {}
     if scaling.get("type") == "linear":
-        positions = positions / float(scaling["factor"])
-    angles = np.outer(positions, freqs)
+        positions = positions / dtype(scaling["factor"])
+    angles = np.outer(positions, freqs).astype(dtype)
     emb = np.concatenate([angles, angles], axis=-1)
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)

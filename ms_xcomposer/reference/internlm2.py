@@ -93,7 +93,7 @@ class RotaryEmbedding(nn.Module):
 
     def inv_freq(self, seq_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[dim/2] inverse frequencies for a call whose total length is `seq_len`, computed in `dtype`
-        (float32, as the official code does, unless a float64 run asks for float64)."""
+        (float32, as the official code does, unless `forward` asks for float64)."""
         base = self.base
         if self.kind == "dynamic":
             base = ntk_scaled_base(base, self.factor, seq_len, self.max_positions, self.dim)
@@ -103,12 +103,13 @@ class RotaryEmbedding(nn.Module):
                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, L] int -> (cos, sin), each [B, 1, L, dim] in `dtype`.
 
-        The official code computes the tables in float32 whatever the model's dtype; a float64 run computes them
-        in float64, so that it is exact to float64 precision everywhere: float32 angles are off by up to half an
-        ulp of position x frequency, which at 2074 positions moves the golden IXC-2.5 logits 4.8x the fp32
-        tolerance from exact (`ms_xcomposer/models/rope.py`).
+        The official code computes the tables in float32 whatever the model's dtype, and so does this reference,
+        except in a float64 run once dynamic NTK rescales the base: there the float32 tables depend on the
+        platform's `pow` kernel in the last bit, which position p amplifies (`ms_xcomposer/models/rope.py`), so
+        a float64 run computes them in float64, as MindSpore does.
         """
-        table = torch.float64 if dtype == torch.float64 else torch.float32
+        ntk = self.kind == "dynamic" and seq_len > self.max_positions
+        table = torch.float64 if dtype == torch.float64 and ntk else torch.float32
         t = position_ids.to(table)
         if self.kind == "linear":
             t = t / self.factor
