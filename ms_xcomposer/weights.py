@@ -63,8 +63,11 @@ class RenamedSource:
     def shape(self, key):
         return self.source.shape(self.names[key])
 
-    def read(self, key):
-        return self.source.read(self.names[key])
+    def dtype(self, key):
+        return self.source.dtype(self.names[key])
+
+    def read_as(self, key, dtype=None):
+        return self.source.read_as(self.names[key], dtype)
 
 
 def renamed_source(source, table, required: Mapping[str, tuple]) -> RenamedSource:

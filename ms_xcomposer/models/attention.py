@@ -53,7 +53,8 @@ class CachedAttention(nn.Cell):
         if self.fused and q.dtype != ms.float32:
             # Query heads kv * G + g use KV head kv: the GQA grouping flash attention expects (N1 = KV * G).
             out = ops.flash_attention_score(q.reshape(b, kv * g, s, d), keys, values, kv * g,
-                                            attn_mask=(bias < 0).astype(ms.uint8), scalar_value=self.inv_sqrt_d,
+                                            attn_mask=(bias < 0).astype(ms.uint8).reshape(b, 1, s, -1),
+                                            scalar_value=self.inv_sqrt_d,
                                             input_layout="BNSD")
             return out.transpose(0, 2, 1, 3).reshape(b, s, -1), k_cache, v_cache
         scores = self.bmm_nt(q.reshape(b, kv, g * s, d), keys) * self.inv_sqrt_d
