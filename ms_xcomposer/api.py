@@ -1,13 +1,13 @@
 """`load`: a checkpoint directory -> (model, processor) of its family, the way every entry point starts."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from ms_xcomposer import runtime
 
 
-def load(path: str, dtype: Optional[str] = None, device: Optional[str] = None,
-         mode: Optional[str] = None) -> Tuple[object, object]:
+def load(path: str, dtype: Optional[str] = None, device: Optional[str] = None, mode: Optional[str] = None,
+         progress: Optional[Callable[[int, int], None]] = None) -> Tuple[object, object]:
     """Load a converted directory (or an HF directory, read directly) with the model family registered for it.
 
     Args:
@@ -16,6 +16,7 @@ def load(path: str, dtype: Optional[str] = None, device: Optional[str] = None,
         device: "CPU", "GPU" or "Ascend"; None keeps the current one. Select it before anything else has run
             MindSpore in this process.
         mode: "pynative" or "graph"; None keeps the current mode.
+        progress: called as progress(bytes just loaded, total bytes) while the weights load.
 
     Returns:
         (model, processor): the family's model class (e.g. `XComposer2ForCausalLM`, with `generation_config`
@@ -28,5 +29,5 @@ def load(path: str, dtype: Optional[str] = None, device: Optional[str] = None,
     with open_checkpoint(path) as reader:
         family, config = reader.family, reader.config
     processor = family.processor_class().from_pretrained(path, config)
-    model = family.model_class().from_pretrained(path, compute_dtype=dtype)
+    model = family.model_class().from_pretrained(path, compute_dtype=dtype, progress=progress)
     return model, processor

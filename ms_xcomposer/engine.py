@@ -23,7 +23,7 @@ sub-cells (so parameter names stay the HF keys) and that MindSpore compiles in G
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import mindspore as ms
@@ -233,13 +233,15 @@ class CausalLM(nn.Cell):
     # ---- loading ---------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, dtype: Optional[Union[str, ms.dtype]] = None,
-                        compute_dtype: Optional[str] = None) -> "CausalLM":
+                        compute_dtype: Optional[str] = None,
+                        progress: Optional[Callable[[int, int], None]] = None) -> "CausalLM":
         """Load a converted MindSpore directory (or an HF directory: .bin or safetensors shards) of this class's
         family.
 
         dtype: the weights' storage dtype, "float32"/"float16"/"bfloat16". None keeps each weight's stored
         dtype (cast to the compute dtype per call), except bf16 weights on CPU, which are upcast once at load
         (exactly) because CPU kernels cannot compute in bf16. compute_dtype: None = the device default.
+        progress(bytes just loaded, total bytes): called as the weights are loaded.
         """
         from ms_xcomposer.conversion.readers import open_checkpoint
         from ms_xcomposer.generation import GenerationConfig
@@ -258,7 +260,7 @@ class CausalLM(nn.Cell):
             # an HF directory read directly: its names through the family's key table, as conversion renames them
             source = reader if reader.kind == "ms" else renamed_source(
                 reader, family.keys, {n: tuple(p.shape) for n, p in model.parameters_and_names()})
-            load_weights(model, source, dtype=target, skip=family.keys.is_dropped)
+            load_weights(model, source, dtype=target, skip=family.keys.is_dropped, progress=progress)
         model.generation_config = GenerationConfig.from_pretrained(path)
         return model
 

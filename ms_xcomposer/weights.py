@@ -85,13 +85,15 @@ def renamed_source(source, table, required: Mapping[str, tuple]) -> RenamedSourc
 
 
 def load_weights(model: nn.Cell, source: TensorSource, dtype: Optional[ms.dtype] = None,
-                 skip: Optional[Callable[[str], bool]] = None) -> None:
+                 skip: Optional[Callable[[str], bool]] = None,
+                 progress: Optional[Callable[[int, int], None]] = None) -> None:
     """Set every Parameter of `model` from `source`, bit-exactly unless `dtype` asks for a conversion.
 
     skip(name): source entries that are not weights (the family key table's dropped buffers, e.g.
     `rotary_emb.inv_freq`, which an HF directory read directly still carries).
     Raises WeightsError listing missing keys, unexpected keys and shape mismatches (all of them at once).
-    Keys the source lists in `kept_unknown` are skipped with one warning.
+    Keys the source lists in `kept_unknown` are skipped with one warning. `progress(bytes just loaded, total
+    bytes)` is called after each tensor.
     """
     params = dict(model.parameters_and_names())
     present = [k for k in source.keys() if not (skip and skip(k))]
@@ -118,9 +120,12 @@ def load_weights(model: nn.Cell, source: TensorSource, dtype: Optional[ms.dtype]
     from ms_xcomposer.runtime import DTYPES
 
     want = None if dtype is None else {v: k for k, v in DTYPES.items()}[dtype]
+    total = sum(int(np.prod(p.shape)) * p.itemsize for p in params.values()) if progress else 0
     for name, param in params.items():
         # Read once (converted block by block when asked), then handed over without a copy: peak memory is
         # the loaded weights plus the tensor in flight (parameters are created unallocated, layers.zeros_param).
         value = Tensor.from_numpy(source.read_as(name, want))
         param.set_dtype(value.dtype)
         param.set_data(value)
+        if progress is not None:
+            progress(int(np.prod(param.shape)) * param.itemsize, total)

@@ -238,6 +238,10 @@ def test_chat_query_reproduces_the_official_answer(golden, capsys):
     assert out.out == g["response"] + "\n"
     assert "loaded XComposer2ForCausalLM from" in out.err and "pynative mode, float32 compute" in out.err
     assert f"[{kw['max_new_tokens']} tokens in " in out.err
+    # loading shows its progress (plain lines when stderr is not a terminal), ending at 100% before "loaded"
+    done = re.search(r"^load: 100% \(([\d.]+) of \1 GB, \d+ s\)$", out.err, re.M)
+    first = re.search(r"^load: \d+% ", out.err, re.M)
+    assert done and first.start() < done.start() < out.err.index("loaded XComposer2ForCausalLM")
 
 
 def test_chat_passes_the_sampling_options(converted, library, capsys):

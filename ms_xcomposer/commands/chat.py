@@ -101,12 +101,14 @@ def load_model(model_dir: str, device: str, mode: str, dtype: Optional[str], wei
     loading (it can take a minute on a 7B) and one after."""
     from ms_xcomposer import runtime
     from ms_xcomposer.api import load
+    from ms_xcomposer.commands.convert import progress_bar
 
     runtime.setup(device, mode)
     size = f" ({weights_bytes / 1e9:.2f} GB of weights)" if weights_bytes else ""
     print(f"loading {model_dir}{size} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    model, processor = load(model_dir, dtype=dtype)
+    with progress_bar(False, "load") as progress:  # a bar on a terminal, plain lines otherwise
+        model, processor = load(model_dir, dtype=dtype, progress=progress)
     compute = next(name for name, dt in runtime.DTYPES.items() if dt == model.compute_dtype)
     print(f"loaded {type(model).__name__} from {model_dir} in {time.perf_counter() - start:.1f} s "
           f"({runtime.current_device()}, {mode} mode, {compute} compute)", file=sys.stderr)
