@@ -106,9 +106,10 @@ class InternVLChatModel(CausalLM):
         return None, (False, "base")  # the InternLM2 layers' flags: no PLoRA, no task adapter
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, compute_dtype: Optional[str] = None) -> "InternVLChatModel":
+    def from_pretrained(cls, path: str, dtype=None, compute_dtype: Optional[str] = None,
+                        progress=None) -> "InternVLChatModel":
         """`CausalLM.from_pretrained`, plus `img_context_token_id` from the directory's tokenizer (when it has one)."""
-        model = super().from_pretrained(path, dtype, compute_dtype)
+        model = super().from_pretrained(path, dtype, compute_dtype, progress)
         model.img_context_token_id = _img_context_id(path)
         return model
 
