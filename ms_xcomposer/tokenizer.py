@@ -24,7 +24,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import sentencepiece as spm
 
@@ -108,34 +108,7 @@ class InternLM2Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str) -> "InternLM2Tokenizer":
         """Load `path/tokenizer.model` plus the optional JSON files of an HF (or converted) directory."""
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"tokenizer directory {path!r} not found")
-        vocab_file = os.path.join(path, VOCAB_FILE)
-        if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(f"{path!r} has no {VOCAB_FILE} (the SentencePiece model)")
-        config = _read_json(os.path.join(path, "tokenizer_config.json"))
-
-        # As transformers: a config with `added_tokens_decoder` is complete on its own; otherwise (legacy
-        # layout) special_tokens_map.json overrides the config and added_tokens.json lists the added tokens.
-        added: Dict[str, AddedToken] = {}
-        kwargs: Dict[str, object] = {}
-        _read_special_tokens(config, kwargs)
-        if "added_tokens_decoder" in config:
-            for idx, spec in config["added_tokens_decoder"].items():
-                where = f"tokenizer_config.json added_tokens_decoder[{idx!r}]"
-                if not isinstance(spec, Mapping) or not isinstance(spec.get("content"), str):
-                    raise TokenizerError(f"{path}: {where} has no 'content' string")
-                if spec.get("single_word"):
-                    raise TokenizerError(f"{path}: {where}: single_word added tokens are not supported")
-                added[spec["content"]] = AddedToken(spec["content"], _as_id(idx, where),
-                                                bool(spec.get("lstrip")), bool(spec.get("rstrip")))
-        else:
-            extra = kwargs.get("additional_special_tokens", [])
-            _read_special_tokens(_read_json(os.path.join(path, "special_tokens_map.json")), kwargs)
-            kwargs["additional_special_tokens"] = list(extra) + [
-                t for t in kwargs.get("additional_special_tokens", []) if t not in extra]
-            for content, idx in _read_json(os.path.join(path, "added_tokens.json")).items():
-                added[content] = AddedToken(content, _as_id(idx, f"{path}: added_tokens.json[{content!r}]"))
+        vocab_file, config, added, kwargs = read_tokenizer_dir(path)
         return cls(vocab_file, added_tokens=list(added.values()),
                    add_bos_token=bool(config.get("add_bos_token", True)), **kwargs)
 
@@ -294,6 +267,41 @@ def _read_special_tokens(source: Mapping[str, object], kwargs: Dict[str, object]
             kwargs[role] = _token_content(source[role])
     if "additional_special_tokens" in source:
         kwargs["additional_special_tokens"] = [_token_content(t) for t in source["additional_special_tokens"] or []]
+
+
+
+def read_tokenizer_dir(path: str) -> Tuple[str, dict, Dict[str, AddedToken], Dict[str, object]]:
+    """(vocab file, tokenizer_config.json, added tokens by content, special-token arguments) of an HF (or converted)
+    tokenizer directory, read as transformers reads them; errors name the file."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory {path!r} not found")
+    vocab_file = os.path.join(path, VOCAB_FILE)
+    if not os.path.isfile(vocab_file):
+        raise FileNotFoundError(f"{path!r} has no {VOCAB_FILE} (the SentencePiece model)")
+    config = _read_json(os.path.join(path, "tokenizer_config.json"))
+
+    # As transformers: a config with `added_tokens_decoder` is complete on its own; otherwise (legacy
+    # layout) special_tokens_map.json overrides the config and added_tokens.json lists the added tokens.
+    added: Dict[str, AddedToken] = {}
+    kwargs: Dict[str, object] = {}
+    _read_special_tokens(config, kwargs)
+    if "added_tokens_decoder" in config:
+        for idx, spec in config["added_tokens_decoder"].items():
+            where = f"tokenizer_config.json added_tokens_decoder[{idx!r}]"
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("content"), str):
+                raise TokenizerError(f"{path}: {where} has no 'content' string")
+            if spec.get("single_word"):
+                raise TokenizerError(f"{path}: {where}: single_word added tokens are not supported")
+            added[spec["content"]] = AddedToken(spec["content"], _as_id(idx, where),
+                                                bool(spec.get("lstrip")), bool(spec.get("rstrip")))
+    else:
+        extra = kwargs.get("additional_special_tokens", [])
+        _read_special_tokens(_read_json(os.path.join(path, "special_tokens_map.json")), kwargs)
+        kwargs["additional_special_tokens"] = list(extra) + [
+            t for t in kwargs.get("additional_special_tokens", []) if t not in extra]
+        for content, idx in _read_json(os.path.join(path, "added_tokens.json")).items():
+            added[content] = AddedToken(content, _as_id(idx, f"{path}: added_tokens.json[{content!r}]"))
+    return vocab_file, config, added, kwargs
 
 
 def _read_json(path: str) -> Dict[str, object]:

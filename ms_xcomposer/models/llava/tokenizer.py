@@ -22,11 +22,10 @@ legacy=false needs the `protobuf` package to edit the model's normaliser, as tra
 """
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
-from ms_xcomposer.tokenizer import (VOCAB_FILE, AddedToken, InternLM2Tokenizer, TokenizerError, _as_id,
-                                    _read_json, _read_special_tokens, clean_up_tokenization)
+from ms_xcomposer.tokenizer import (AddedToken, InternLM2Tokenizer, TokenizerError, clean_up_tokenization,
+                                    read_tokenizer_dir)
 
 SPIECE_UNDERLINE = "▁"
 
@@ -58,28 +57,7 @@ class LlamaTokenizer(InternLM2Tokenizer):
     def from_pretrained(cls, path: str) -> "LlamaTokenizer":
         """Load `path/tokenizer.model` with tokenizer_config.json (and, in the legacy file layout,
         special_tokens_map.json / added_tokens.json), as transformers' `LlamaTokenizer.from_pretrained`."""
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"tokenizer directory {path!r} not found")
-        vocab_file = os.path.join(path, VOCAB_FILE)
-        if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(f"{path!r} has no {VOCAB_FILE} (the SentencePiece model)")
-        config = _read_json(os.path.join(path, "tokenizer_config.json"))
-        added: Dict[str, AddedToken] = {}
-        kwargs: Dict[str, object] = {}
-        _read_special_tokens(config, kwargs)
-        if "added_tokens_decoder" in config:
-            for idx, spec in config["added_tokens_decoder"].items():
-                where = f"{path}: tokenizer_config.json added_tokens_decoder[{idx!r}]"
-                if not isinstance(spec, Mapping) or not isinstance(spec.get("content"), str):
-                    raise TokenizerError(f"{where} has no 'content' string")
-                if spec.get("single_word"):
-                    raise TokenizerError(f"{where}: single_word added tokens are not supported")
-                added[spec["content"]] = AddedToken(spec["content"], _as_id(idx, where),
-                                                    bool(spec.get("lstrip")), bool(spec.get("rstrip")))
-        else:  # legacy file layout: special_tokens_map.json wins over the config, added_tokens.json lists the rest
-            _read_special_tokens(_read_json(os.path.join(path, "special_tokens_map.json")), kwargs)
-            for content, idx in _read_json(os.path.join(path, "added_tokens.json")).items():
-                added[content] = AddedToken(content, _as_id(idx, f"{path}: added_tokens.json[{content!r}]"))
+        vocab_file, config, added, kwargs = read_tokenizer_dir(path)
         extra = config.get("extra_special_tokens") or {}
         if not isinstance(extra, (Mapping, list)):
             raise TokenizerError(f"{path}: tokenizer_config.json extra_special_tokens should be an object or a list")
