@@ -794,7 +794,7 @@ class CheckpointReader:
     @property
     def hf_config(self) -> Dict[str, object]:
         """The HF fields of config.json (without the converter's "ms_xcomposer" section)."""
-        d = _read_json(self.config_path, "config")
+        d = read_json(self.config_path, "config")
         d.pop(layout.MS_SECTION, None)
         return d
 
@@ -824,7 +824,7 @@ class CheckpointReader:
         return self._config
 
     def _ms_section(self) -> Dict[str, object]:
-        d = _read_json(self.config_path, "config")
+        d = read_json(self.config_path, "config")
         if not isinstance(d.get(layout.MS_SECTION), dict):
             raise ConfigError(f"{self.config_path} has no {layout.MS_SECTION!r} section: is "
                               f"{os.path.dirname(self.config_path)} a converted directory?")
@@ -837,7 +837,7 @@ class CheckpointReader:
         report = os.path.join(os.path.dirname(self.config_path), layout.REPORT)
         if self.kind != "ms" or not os.path.isfile(report):
             return []
-        names = _read_json(report, "conversion report").get("unknown_kept", [])
+        names = read_json(report, "conversion report").get("unknown_kept", [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise CheckpointError(f"conversion report {report}: 'unknown_kept' is not a list of tensor names")
         return names
@@ -859,16 +859,18 @@ class CheckpointReader:
             pass
 
 
-def _read_json(path: str, what: str) -> dict:
+def read_json(path: str, what: str, error: type = CheckpointError) -> dict:
+    """The JSON object in `path`; `error` (naming the file as "`what` file PATH") when it is missing, not JSON,
+    or not an object."""
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"{what} file {path} does not exist") from None
+        raise error(f"{what} file {path} does not exist") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{what} file {path} is not valid JSON: {e}") from None
+        raise error(f"{what} file {path} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
-        raise CheckpointError(f"{what} file {path} does not hold a JSON object")
+        raise error(f"{what} file {path} does not hold a JSON object")
     return d
 
 
@@ -880,7 +882,7 @@ def _first_few(items: Iterable[str], n: int = 8) -> str:
 
 def _open_indexed(directory: str, index_name: str, kind: str, fmt: Optional[str]) -> CheckpointReader:
     index_path = os.path.join(directory, index_name)
-    index = _read_json(index_path, "index")
+    index = read_json(index_path, "index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"index {index_path} has no 'weight_map' object (or it is empty)")

@@ -9,7 +9,6 @@ ps_version v1, use_thumbnail False, vision image_size 224, LLM bias True, rope_t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional
@@ -201,18 +200,11 @@ class InternVLConfig:
     @classmethod
     def from_file(cls, path: str) -> "InternVLConfig":
         """Read an HF config.json (a file, or a directory holding one)."""
+        from ms_xcomposer.conversion.readers import read_json
+
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config file {path} does not hold a JSON object")
-        return cls.from_hf(d, path)
+        return cls.from_hf(read_json(path, "config", ConfigError), path)
 
 
 _CHAT_TYPES = {"select_layer": int, "ps_version": str, "downsample_ratio": float, "template": str,
