@@ -196,5 +196,21 @@ class DecodeBatch:
         return done
 
 
+def run_to_completion(model, rows: Sequence[Row]) -> None:
+    """Generate every row of `rows` to its end: rows with equal `batch_key`s share one `DecodeBatch`, joined
+    together; afterwards each row's `output` holds its ids. Raises the first row's error (in row order)."""
+    groups: Dict[tuple, List[Row]] = {}
+    for row in rows:
+        groups.setdefault(batch_key(model, row.inputs.extras), []).append(row)
+    for key, members in groups.items():
+        batch = DecodeBatch(model, key)
+        batch.join(members)
+        while len(batch):
+            batch.step()
+    for row in rows:
+        if row.error is not None:
+            raise row.error
+
+
 def _numpy(x) -> np.ndarray:
     return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)

@@ -200,7 +200,7 @@ def batch_chat_with_ids(model, processor, queries: Sequence[str], images: Option
     separate batches. Beam search (num_beams > 1) is not batched: those rows run one after the other.
     Every prompt is built before anything is generated, so a bad input raises before any work.
     """
-    from ms_xcomposer.batching import DecodeBatch, Row, batch_key
+    from ms_xcomposer.batching import Row, run_to_completion
 
     queries = list(queries)
     per_query_images = [None] * len(queries) if images is None else list(images)
@@ -211,23 +211,15 @@ def batch_chat_with_ids(model, processor, queries: Sequence[str], images: Option
     turns = [prepare_turn(model, processor, q, image_list(i), h, generation, **kwargs)
              for q, i, h in zip(queries, per_query_images, per_query_history)]
     results: List[Optional[ChatResult]] = [None] * len(queries)
-    groups: Dict[tuple, List[int]] = {}
+    rows: Dict[int, Row] = {}
     for i, turn in enumerate(turns):
         if turn.generation.num_beams > 1:
             results[i] = run_turn(model, processor, queries[i], per_query_history[i], turn)
         else:
-            groups.setdefault(batch_key(model, turn.inputs.extras), []).append(i)
-    for key, members in groups.items():
-        rows = {i: Row(turns[i].inputs, turns[i].generation, should_stop=stop_check(processor, turns[i].generation))
-                for i in members}
-        batch = DecodeBatch(model, key)
-        batch.join(list(rows.values()))
-        while len(batch):
-            batch.step()
-        for i, row in rows.items():
-            if row.error is not None:
-                raise row.error
-            results[i] = finish_turn(processor, queries[i], per_query_history[i], turns[i].generation, row.output)
+            rows[i] = Row(turn.inputs, turn.generation, should_stop=stop_check(processor, turn.generation))
+    run_to_completion(model, list(rows.values()))
+    for i, row in rows.items():
+        results[i] = finish_turn(processor, queries[i], per_query_history[i], turns[i].generation, row.output)
     return results
 
 

@@ -27,10 +27,11 @@ import mindspore as ms
 import internvl_reference
 from conftest import MODES, mindspore_mode
 from ms_xcomposer import chat, chat_with_ids, load, stream_chat
+from ms_xcomposer.conversation import batch_chat_with_ids
 from ms_xcomposer.conversation import OptionError
 from ms_xcomposer.conversion.readers import open_checkpoint
-from ms_xcomposer.models.internvl.prompt import (IMG_CONTEXT_TOKEN, PromptError, chat_prompt, image_block,
-                                                 multi_image_chat_prompt)
+from ms_xcomposer.models.internvl.prompt import (IMG_CONTEXT_TOKEN, PromptError, batch_chat_prompt, chat_prompt,
+                                                 image_block, multi_image_chat_prompt)
 from ms_xcomposer.tolerances import metrics
 from tolerances import assert_close
 
@@ -242,6 +243,60 @@ def test_prompts_multi_image_history_and_errors(loaded):
     # options reach the prompt and the tiling: a system message, max_num 1 (one tile, no thumbnail)
     inputs = processor.prepare(model, QUERY, [WIDE], system_message="Be brief.", max_num=1)
     assert inputs.image_tiles == [1] and inputs.prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+# ---- batched generation -------------------------------------------------------------------------------------
+# Mixed prompt lengths: 7 tiles (1799 image rows), a text-only row with a history, 7 + 4 tiles, a short text.
+BATCH_QUERIES = [QUERY, "Hi", "Compare the two pictures.", "Count to ten."]
+BATCH_IMAGES = [[WIDE], None, [WIDE, TALL], None]
+BATCH_HISTORIES = [(), [("Who are you?", "A tiny test model.")], (), ()]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_batch_chat_rows_equal_alone(loaded, golden_chat, mode):
+    """The library's `batch_chat` on this family: each row's greedy ids are those of `chat` alone."""
+    model, processor = loaded(mode)
+    with mindspore_mode(mode):
+        alone = [chat_with_ids(model, processor, q, i, h, max_new_tokens=8).ids
+                 for q, i, h in zip(BATCH_QUERIES, BATCH_IMAGES, BATCH_HISTORIES)]
+        batched = batch_chat_with_ids(model, processor, BATCH_QUERIES, images=BATCH_IMAGES,
+                                      histories=BATCH_HISTORIES, max_new_tokens=8)
+    assert [r.ids for r in batched] == alone
+    assert alone[0] == golden_chat["generated_ids"][:8]
+    assert all(len(ids) >= 2 for ids in alone) and len({tuple(ids) for ids in alone}) == 4
+
+
+def test_official_batch_chat_prompts():
+    """One row of the official batch_chat: the chat prompt of its image; a count of 0 keeps an empty block."""
+    assert batch_chat_prompt(QUERY, 7) == chat_prompt(QUERY, 7)
+    assert batch_chat_prompt(QUERY, 0) == chat_prompt("<img></img>\n" + QUERY, None)
+    assert batch_chat_prompt(QUERY, None) == chat_prompt(QUERY, None)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_official_batch_chat_rows_equal_alone(loaded, golden_chat, mode):
+    """`model.batch_chat(tokenizer, pixel_values, image_counts, questions, generation_config)`: every row's
+    response is the official `chat` of its prompt alone (rows of 7, 3 and 0 tiles; then a text-only batch)."""
+    model, processor = loaded(mode)
+    tok = processor.tokenizer
+    wide, tall = processor.load_image(WIDE, max_num=6), processor.load_image(TALL, max_num=2)
+    questions = [QUERY, "What is in the picture? Answer in detail, please.", "Hi"]
+    with mindspore_mode(mode):
+        responses = model.batch_chat(tok, ms.Tensor(np.concatenate([wide, tall])), [7, 3, 0], questions,
+                                     dict(GREEDY))
+        alone = [model.chat(tok, wide, questions[0], dict(GREEDY)), model.chat(tok, tall, questions[1], dict(GREEDY)),
+                 model.chat(tok, None, "<img></img>\n" + questions[2], dict(GREEDY))]
+        text = model.batch_chat(tok, None, None, ["Hi", "Count to ten."], dict(GREEDY))
+        text_alone = [model.chat(tok, None, q, dict(GREEDY)) for q in ("Hi", "Count to ten.")]
+    assert tall.shape[0] == 3  # 1x2 + thumbnail
+    assert responses == alone and responses[0] == golden_chat["response"] and len(set(responses)) == 3
+    assert text == text_alone and len(set(text)) == 2
+    with pytest.raises(PromptError, match=r"image_counts \[7, 2\] add up to 9 tiles, pixel_values has 10"):
+        model.batch_chat(tok, np.concatenate([wide, tall]), [7, 2], questions[:2], GREEDY)
+    with pytest.raises(PromptError, match="2 questions but 1 image_counts"):
+        model.batch_chat(tok, wide, [7], questions[:2], GREEDY)
+    with pytest.raises(NotImplementedError, match="multi-turn"):
+        model.batch_chat(tok, wide, [7], questions[:1], GREEDY, history=[])
 
 
 # ---- the command line ----------------------------------------------------------------------------------------

@@ -9,9 +9,8 @@ code does: the prompt holds `<IMG_CONTEXT>` x 256 per tile, and `splice` overwri
 embeddings, in order, with `extract_feature(pixel_values)` flattened tile-major. Its compiled piece is
 `_ExtractFeature` (ViT -> pixel shuffle -> mlp1), one graph for every tile count of a tile size.
 
-The official methods are here with their signatures: `chat`, `multi_image_chat` and the forward
-`model(pixel_values=..., input_ids=..., image_flags=...)`. Not here yet: `batch_chat` (it needs batched
-generation with per-row positions in the engine).
+The official methods are here with their signatures: `chat`, `multi_image_chat`, `batch_chat` (rows in a
+`batching.DecodeBatch`) and the forward `model(pixel_values=..., input_ids=..., image_flags=...)`.
 """
 from __future__ import annotations
 
@@ -207,20 +206,77 @@ class InternVLChatModel(CausalLM):
             question = multi_image_block(counts, self.num_image_token) + "\n" + question
         return self._official_chat(tokenizer, pixel_values, question, generation_config, history, return_history)
 
-    def _official_chat(self, tokenizer, pixel_values, question, generation_config, history, return_history):
+    def batch_chat(self, tokenizer, pixel_values, image_counts: Optional[Sequence[int]], questions: Sequence[str],
+                   generation_config: Mapping[str, object], history=None, return_history: bool = False) -> List[str]:
+        """The official `model.batch_chat` (v1.5 remote code): one first-turn chat per question, generated
+        together -> the responses, in order (strings only, no history).
+
+        pixel_values: every row's tiles concatenated in row order ([T, 3, 448, 448], numpy or Tensor), or None
+        (every row text-only: no image block, where the official v1.5 code crashes); image_counts[k]: the tiles of
+        row k (sum = T; a count of 0 gives that row the empty block `<img></img>`, as the official code writes
+        it). Decoding as `chat`: stops at `<|im_end|>` only.
+
+        The official code left-pads the prompts (tokenizer padding side left) and generates them as one batch
+        with an attention mask and positions counted from each row's first real token, so each row's numbers
+        are those of the row alone; here each row keeps its own positions and RoPE tables in a `DecodeBatch`,
+        with the same result: every row's ids equal `chat` on its prompt alone. One difference, past the
+        context limit only: the official dynamic-NTK base follows the padded batch length (and then sticks,
+        quirk 12), here each row's own length. history / return_history raise NotImplementedError, as the
+        official code does.
+        """
+        from ms_xcomposer.batching import Row, run_to_completion
+        from ms_xcomposer.conversation import PreparedInputs
+        from ms_xcomposer.models.internvl.prompt import batch_chat_prompt
+
+        if history is not None or return_history:
+            raise NotImplementedError("multi-turn chat is not supported in batch_chat (as in the official code)")
+        questions = list(questions)
+        if image_counts is None and pixel_values is not None:
+            raise PromptError("batch_chat: pixel_values needs image_counts (the tiles of each question's image)")
+        if image_counts is not None and len(image_counts) != len(questions):
+            raise PromptError(f"batch_chat: {len(questions)} questions but {len(image_counts)} image_counts")
+        if pixel_values is None:
+            counts = [None] * len(questions)
+            if image_counts is not None and any(int(c) for c in image_counts):
+                raise PromptError(f"image_counts {list(image_counts)} without pixel_values")
+        else:
+            counts = [int(c) for c in image_counts]
+            tiles = int(_shape(pixel_values)[0])
+            if sum(counts) != tiles:
+                raise PromptError(f"image_counts {counts} add up to {sum(counts)} tiles, pixel_values has {tiles}")
+        processor, cfg = self._official_setup(tokenizer, generation_config)
+        prompts = [batch_chat_prompt(q, n, self.num_image_token, self.config.template)
+                   for q, n in zip(questions, counts)]  # every prompt checked before the images are encoded
+        vit = None if pixel_values is None else self.extract_feature(pixel_values)
+        rows, start = [], 0
+        for prompt, n in zip(prompts, counts):
+            part = vit[start:start + n] if n else None
+            start += n or 0
+            rows.append(Row(PreparedInputs(self.splice([tokenizer.encode(prompt, add_bos=True)], part), {}), cfg))
+        run_to_completion(self, rows)
+        return [processor.decode(row.output.ids) for row in rows]
+
+    def _official_setup(self, tokenizer, generation_config):
+        """(processor, GenerationConfig) of the official chat methods: `img_context_token_id` set from the
+        tokenizer, the caller's options with eos = `<|im_end|>` only (the official code overwrites it)."""
         from ms_xcomposer.conversation import OptionError
-        from ms_xcomposer.generation import GenerationConfig, generate
+        from ms_xcomposer.generation import GenerationConfig
         from ms_xcomposer.models.internvl.processor import InternVLProcessor
 
         processor = InternVLProcessor(tokenizer, self.config)
         self.img_context_token_id = processor.img_context_token_id
         options = dict(generation_config or {})
-        options.pop("eos_token_id", None)  # the official chat overwrites it with <|im_end|>
+        options.pop("eos_token_id", None)
         base = getattr(self, "generation_config", None) or GenerationConfig()
         try:
-            cfg = base.updated(**options, eos_token_id=(processor.turn_end_id,))
+            return processor, base.updated(**options, eos_token_id=(processor.turn_end_id,))
         except TypeError as e:
             raise OptionError(str(e)) from None
+
+    def _official_chat(self, tokenizer, pixel_values, question, generation_config, history, return_history):
+        from ms_xcomposer.generation import generate
+
+        processor, cfg = self._official_setup(tokenizer, generation_config)
         prompt = chat_prompt(question, None, history=None if history is None else list(history),
                              template=self.config.template)
         embeds = self.splice([tokenizer.encode(prompt, add_bos=True)],

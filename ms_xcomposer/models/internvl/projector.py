@@ -46,7 +46,9 @@ def vit_tokens(hidden, scale_factor: float = 0.5, ps_version: str = "v2"):
     if side * side != n - 1:
         raise ValueError(f"vision hidden state has {n - 1} patch tokens, not a square grid")
     x = pixel_shuffle(hidden[:, 1:].reshape(t, side, side, c), scale_factor, ps_version)
-    return x.reshape(t, -1, x.shape[-1])
+    # The tile count is the one free dimension: in GRAPH mode it is dynamic (t reads as -1), and a reshape to
+    # (t, -1, ...) then split the tokens wrongly ([160, 16, 64] for 10 tiles of 256 tokens).
+    return x.reshape(-1, x.shape[1] * x.shape[2], x.shape[-1])
 
 
 class MLP1(nn.SequentialCell):

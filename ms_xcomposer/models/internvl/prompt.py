@@ -12,6 +12,10 @@ As the official `chat` / `multi_image_chat` / `batch_chat` build them (v1.5.1):
   already holds it).
 - Generation stops at `<|im_end|>` (the template's `sep`; id 92542), not at `</s>`.
 
+`batch_chat` (the official signature of the v1.5 remote code, `batch_chat(tokenizer, pixel_values, image_counts,
+questions, generation_config)`): every row is a first turn with its own image block of image_counts[k] tiles;
+a count of 0 gives the empty block `<img></img>` (the official code does not leave the block out).
+
 Text-only chat (`n_tiles=None`): the official v1.5.1 `chat` crashes without pixel_values; here the question
 goes into the template as is, with no image block.
 """
@@ -109,6 +113,20 @@ def multi_image_chat_prompt(question: str, image_counts: Sequence[int], num_imag
     return _render(template, check_history(history), question, system_message)
 
 
+def batch_chat_prompt(question: str, n_tiles: Optional[int], num_image_token: int = 256,
+                      template: str = "internlm2-chat") -> str:
+    """The prompt of one row of the official `batch_chat`: `<img>` + `<IMG_CONTEXT>` x (num_image_token x
+    n_tiles) + `</img>\\n` + question, in the template's first user turn (no history). n_tiles 0 gives the
+    empty block `<img></img>\\n` as the official code writes it; None (no pixel_values at all) gives no block."""
+    check_text(question, "question")
+    if n_tiles is None:
+        return _render(template, (), question, None)
+    if n_tiles < 0:
+        raise PromptError(f"an image count must be >= 0, got {n_tiles}")
+    return _render(template, (), IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * n_tiles) + IMG_END_TOKEN
+                   + "\n" + question, None)
+
+
 def _render(template: str, turns: Sequence[Tuple[str, str]], question: str, system_message: Optional[str]) -> str:
     t = get_template(template)
     user, assistant = t.roles
@@ -117,4 +135,5 @@ def _render(template: str, turns: Sequence[Tuple[str, str]], question: str, syst
 
 
 __all__ = ["IMG_START_TOKEN", "IMG_END_TOKEN", "IMG_CONTEXT_TOKEN", "Template", "TEMPLATES", "get_template",
-           "image_block", "multi_image_block", "chat_prompt", "multi_image_chat_prompt", "PromptError"]
+           "image_block", "multi_image_block", "chat_prompt", "multi_image_chat_prompt", "batch_chat_prompt",
+           "PromptError"]
