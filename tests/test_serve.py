@@ -115,13 +115,11 @@ class Server:
         return self.raw("GET", "/health", key=None)[1]
 
 
-@pytest.fixture(scope="module")
-def launched(converted):
-    """`ms-xcomposer serve` started on 127.0.0.1 with a free port (--port 0; the URL read from its output); not
-    waited for, so that it loads while `expected` is computed."""
-    cmd = [sys.executable, "-m", "ms_xcomposer", "serve", converted, "--host", "127.0.0.1", "--port", "0",
-           "--max-batch", "8", "--max-queue", "16", "--api-key", KEY, "--allowed-local-media", DATA,
-           "--max-images", "4", "--max-body-mb", "1", "--max-pixels", "2000000"]
+def launch(model_dir: str, *args: str):
+    """`ms-xcomposer serve model_dir` started on 127.0.0.1 with a free port (--port 0; the URL read from its
+    output), not waited for: (process, URL found event, [URL], log lines)."""
+    cmd = [sys.executable, "-m", "ms_xcomposer", "serve", model_dir, "--host", "127.0.0.1", "--port", "0",
+           "--api-key", KEY, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list = []
     found = threading.Event()
@@ -136,14 +134,11 @@ def launched(converted):
                 found.set()
 
     threading.Thread(target=read, daemon=True).start()
-    yield proc, found, url_box, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    return proc, found, url_box, log
 
 
-@pytest.fixture(scope="module")
-def server(launched, expected):
+def started(launched) -> Server:
+    """The `Server` of a `launch`, once it listens (the test fails with its log if it does not start)."""
     proc, found, url_box, log = launched
     if not found.wait(START_TIMEOUT_S):
         proc.kill()
@@ -151,9 +146,32 @@ def server(launched, expected):
     return Server(proc, url_box[0], log)
 
 
-def ask(client, messages, stream=False, **extra):
-    """(text, finish_reason, usage) of one chat completion through the openai client."""
-    params = dict(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, extra_body={"hd_num": 1, **extra})
+def stop(launched) -> None:
+    proc = launched[0]
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def launched(converted):
+    """The IXC-2.5 server, launched so that it loads while `expected` is computed."""
+    running = launch(converted, "--max-batch", "8", "--max-queue", "16", "--allowed-local-media", DATA,
+                     "--max-images", "4", "--max-body-mb", "1", "--max-pixels", "2000000")
+    yield running
+    stop(running)
+
+
+@pytest.fixture(scope="module")
+def server(launched, expected):
+    return started(launched)
+
+
+def ask(client, messages, stream=False, model=MODEL, extra_body=None):
+    """(text, finish_reason, usage) of one chat completion through the openai client (`extra_body`: the
+    extensions, default XComposer2's hd_num 1)."""
+    params = dict(model=model, messages=messages, max_tokens=MAX_TOKENS,
+                  extra_body={"hd_num": 1} if extra_body is None else extra_body)
     if not stream:
         r = client.chat.completions.create(**params)
         return r.choices[0].message.content, r.choices[0].finish_reason, r.usage
@@ -386,3 +404,43 @@ def test_serve_bad_arguments_exit_2(converted, tmp_path):
                               capture_output=True, text=True, timeout=300)
     assert busy.returncode == 2, busy.stderr
     assert f"could not listen on 127.0.0.1:{port}" in busy.stderr.splitlines()[-1]
+
+
+# ---- another family ------------------------------------------------------------------------------------------
+INTERNVL_DATA = os.path.join(os.path.dirname(DATA), "internvl15_tiny")
+
+
+def test_internvl_checkpoint_is_served(tmp_path):
+    """The golden InternVL-1.5 checkpoint served: an image request (the official chat's answer, the same as the
+    library's), a system message (InternVL's `system_message`) and the `max_num` extension, each equal to the
+    library's chat with the same arguments."""
+    from ms_xcomposer.conversion.convert import convert
+
+    model_dir = str(tmp_path / "internvl")
+    convert(os.path.join(INTERNVL_DATA, "hf"), model_dir)
+    running = launch(model_dir)
+    try:
+        model, processor = load(model_dir)
+        image = os.path.join(INTERNVL_DATA, "image_wide.png")
+        with open(os.path.join(INTERNVL_DATA, "golden.json"), encoding="utf-8") as f:
+            golden = json.load(f)["chat_a"]
+        want = [chat_with_ids(model, processor, "Describe this image.", [image], max_new_tokens=MAX_TOKENS),
+                chat_with_ids(model, processor, "Hi", system_message="Be brief.", max_new_tokens=MAX_TOKENS),
+                chat_with_ids(model, processor, "Describe this image.", [image], max_num=1, max_new_tokens=MAX_TOKENS)]
+        client = started(running).client()
+        content = [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                   {"type": "text", "text": "Describe this image."}]
+        text, reason, usage = ask(client, [{"role": "user", "content": content}], model="internvl", extra_body={})
+        assert text == want[0].response and want[0].ids == golden["generated_ids"][:MAX_TOKENS]
+        assert reason == "length" and usage.prompt_tokens == 1830  # 7 tiles x 256 image rows + 38 text rows
+        text, _, _ = ask(client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                         model="internvl", extra_body={})
+        assert text == want[1].response
+        text, _, usage = ask(client, [{"role": "user", "content": content}], model="internvl",
+                             extra_body={"max_num": 1})
+        assert text == want[2].response and usage.prompt_tokens == 1830 - 6 * 256
+        assert len({w.response for w in want}) == 3
+        with pytest.raises(openai.BadRequestError, match=r"unknown InternVL chat options \['hd_num'\]"):
+            ask(client, [{"role": "user", "content": "Hi"}], model="internvl")
+    finally:
+        stop(running)

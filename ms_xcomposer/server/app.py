@@ -28,7 +28,7 @@ from ms_xcomposer.images import MAX_IMAGE_PIXELS
 from ms_xcomposer.scheduler import BatchingEngine, EngineStopped, QueueFull
 from ms_xcomposer.server.media import load_image_url
 from ms_xcomposer.server.protocol import (
-    ApiError, as_api_error, bad, chunk, completion, completion_id, parse_chat_request, usage,
+    ApiError, as_api_error, bad, chunk, completion, completion_id, parse_chat_request, system_options, usage,
 )
 
 DISCONNECT_POLL_S = 0.5
@@ -102,7 +102,10 @@ def create_app(engine: BatchingEngine, model_id: str, api_key: Optional[str] = N
     async def chat_completions(request: Request):
         check_key(request)
         req = parse_chat_request(await _json_body(request, max_body_bytes), model_id, max_images)
-        overrides, _ = split_options(req.options)
+        options = dict(req.options)
+        if req.system is not None:
+            options.update(system_options(processor, req.system))
+        overrides, _ = split_options(options)
         try:
             cfg = generation_config(model, processor, **overrides)
         except (ValueError, TypeError) as e:
@@ -113,7 +116,7 @@ def create_app(engine: BatchingEngine, model_id: str, api_key: Optional[str] = N
                 lambda: [load_image_url(u, allowed_local_media, max_pixels) for u in req.image_urls])
         events = _Events(asyncio.get_running_loop())
         try:
-            ticket = engine.submit(req.query, images, req.history, events, **req.options)
+            ticket = engine.submit(req.query, images, req.history, events, **options)
         except QueueFull as e:
             raise ApiError(429, str(e), code="queue_full") from None
         except EngineStopped as e:

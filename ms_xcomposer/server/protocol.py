@@ -2,13 +2,16 @@
 
 `parse_chat_request(body, ...)` checks a decoded JSON body and returns a `ChatRequest`: the arguments
 `conversation.chat` takes, built the way the library builds a chat turn:
-- a system message (first, at most one) becomes the meta instruction, with `use_meta` on;
+- a system message (first, at most one) is kept as `system`: the server turns it into the family's option
+  (`processor.system_options(text)`: XComposer2 `use_meta` + `meta_instruction`, LLaVA `system`, InternVL
+  `system_message`);
 - earlier user/assistant turns (alternating, text only) become the history;
 - the last user message's text is the query, unchanged (several text parts are joined with newlines), and its
   images go as `images=[...]` (None when it has none), so the family's processor places them as `chat` does.
 Parameters: `max_tokens` / `max_completion_tokens`, `temperature` (0: greedy; absent: the model's default,
 greedy), `top_p`, `seed`, `stop`, `stream` (+ `stream_options.include_usage`), `n` (1 only); extensions
-`hd_num`, `num_beams`, `repetition_penalty`, `infer_mode`, `top_k`. `user` is accepted and ignored;
+`hd_num`, `max_num`, `num_beams`, `repetition_penalty`, `infer_mode`, `top_k` (the family options among them,
+`hd_num` / `infer_mode` for XComposer2 and `max_num` for InternVL, are refused by the other families' processors). `user` is accepted and ignored;
 `presence_penalty` / `frequency_penalty` only at 0, `logprobs` only false. Anything else is refused (400).
 
 Every problem raises `ApiError` (status, OpenAI error type and code, the parameter), never a traceback.
@@ -24,7 +27,7 @@ ROLES = ("system", "user", "assistant")
 IGNORED_FIELDS = ("user",)
 NEUTRAL_FIELDS = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
 KNOWN_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-                "stream", "stream_options", "n", "hd_num", "num_beams", "repetition_penalty", "infer_mode", "top_k",
+                "stream", "stream_options", "n", "hd_num", "max_num", "num_beams", "repetition_penalty", "infer_mode", "top_k",
                 *IGNORED_FIELDS, *NEUTRAL_FIELDS}
 MAX_STOP_STRINGS = 4
 
@@ -69,6 +72,7 @@ class ChatRequest:
     image_urls: List[str]
     history: List[Tuple[str, str]]
     options: Dict[str, Any] = field(default_factory=dict)
+    system: Optional[str] = None
     stream: bool = False
     include_usage: bool = False
 
@@ -99,10 +103,19 @@ def parse_chat_request(body: Any, model_id: str, max_images: int) -> ChatRequest
     if stream_options is not None and (not isinstance(stream_options, dict) or not stream):
         raise bad("stream_options must be an object, and only with stream: true", "stream_options")
     include_usage = bool(_get(stream_options or {}, "include_usage", bool, False, "stream_options.include_usage"))
-    return ChatRequest(model, query, image_urls, history, _options(body, system), stream, include_usage)
+    return ChatRequest(model, query, image_urls, history, _options(body), system, stream, include_usage)
 
 
-def _options(body: Dict[str, Any], system: Optional[str]) -> Dict[str, Any]:
+def system_options(processor, text: str) -> Dict[str, Any]:
+    """The family's chat options carrying a system message (`processor.system_options(text)`); 400 when the
+    family's processor takes none."""
+    hook = getattr(processor, "system_options", None)
+    if hook is None:
+        raise bad(f"this model family ({type(processor).__name__}) takes no system message", "messages")
+    return hook(text)
+
+
+def _options(body: Dict[str, Any]) -> Dict[str, Any]:
     options: Dict[str, Any] = {}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
@@ -120,7 +133,8 @@ def _options(body: Dict[str, Any], system: Optional[str]) -> Dict[str, Any]:
             raise bad("top_p must be > 0", "top_p")
         options["top_p"] = top_p
     for name, kind, minimum in (("seed", int, None), ("top_k", int, 0), ("num_beams", int, 1),
-                                ("repetition_penalty", float, None), ("hd_num", int, 1)):
+                                ("repetition_penalty", float, None), ("hd_num", int, 1),
+                                ("max_num", int, 1)):
         if body.get(name) is not None:
             options[name] = _number(body[name], kind, name, minimum=minimum)
     if options.get("repetition_penalty", 1.0) <= 0:
@@ -136,8 +150,6 @@ def _options(body: Dict[str, Any], system: Optional[str]) -> Dict[str, Any]:
         if not isinstance(body["infer_mode"], str):
             raise bad("infer_mode must be a string", "infer_mode")
         options["infer_mode"] = body["infer_mode"]
-    if system is not None:
-        options["use_meta"], options["meta_instruction"] = True, system
     return options
 
 

@@ -31,7 +31,7 @@ images with transparency are composited on white (the official `convert("RGB")` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mindspore import Tensor
@@ -151,6 +151,10 @@ class InternVLProcessor:
         turns = [(q, a) for q, (_, a) in zip(texts, turns)]
         return chat_prompt(texts[-1], None, history=turns, template=self.config.template,
                            system_message=system_message)
+
+    def system_options(self, text: str) -> Dict[str, object]:
+        """The chat options that make `text` the system message (InternVL: `system_message`); the server's system role."""
+        return {"system_message": text}
 
     def prepare(self, model, query: str, images: Optional[Sequence[object]] = None,
                 history: Sequence[Tuple[str, str]] = (), **options) -> InternVLInputs:

@@ -132,6 +132,10 @@ class LlavaProcessor:
         return [self.tokenizer.decode(list(map(int, row)), skip_special_tokens=skip_special_tokens) for row in ids]
 
     # ---- the project's processor protocol ----------------------------------------------------------------
+    def system_options(self, text: str) -> Dict[str, object]:
+        """The chat options that make `text` the system message (LLaVA: `system`); the server's system role."""
+        return {"system": text}
+
     def prepare(self, model, query: str, images: Optional[Sequence[object]] = None,
                 history: Sequence[Tuple[str, str]] = (), **options) -> PreparedInputs:
         """The prefill of one chat turn (see the module doc; `options` are `ChatOptions` fields)."""

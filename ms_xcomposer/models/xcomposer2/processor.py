@@ -127,6 +127,10 @@ class XComposer2Processor:
         return preprocess(image, self.spec, hd_num, max_pixels=max_pixels)
 
     # ---- prompts ------------------------------------------------------------------------------------------
+    def system_options(self, text: str) -> Dict[str, object]:
+        """The chat options that make `text` the system message (XComposer2: `meta_instruction`, sent (`use_meta`)); the server's system role."""
+        return {"use_meta": True, "meta_instruction": text}
+
     def prepare(self, model, query: str, images: Optional[Sequence[object]] = None,
                 history: Sequence[Tuple[str, str]] = (), **options) -> XComposer2Inputs:
         """Embeddings and extras of one chat turn (see the module doc; `options` are `ChatOptions` fields).
