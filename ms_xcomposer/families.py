@@ -44,7 +44,7 @@ class Family:
     "module:attribute" strings; keys: the `KeyTable` of HF names; without_optional(config): the config once
     the optional parameters (task adapters) are dropped by conversion; components / component_of / describe:
     what `ms-xcomposer info` prints; request_check: `chat`'s checks before loading; parity: the
-    `ms-xcomposer parity` hook.
+    `ms-xcomposer parity` hook; vision_memory: the memory estimate's vision side.
     """
 
     name: str
@@ -67,6 +67,9 @@ class Family:
     # `parity`'s stages: "module:function" called as fn(ms_model, processor, ParityRequest) -> ParityReport
     # (see `ms_xcomposer.parity`); None: the family has no stage-by-stage parity.
     parity: Optional[str] = None
+    # The memory estimate's vision side (`info --estimate`, `chat`'s pre-check): "module:attribute" naming a
+    # `ms_xcomposer.memory.VisionMemory`; None: the family has no estimate.
+    vision_memory: Optional[str] = None
 
     def component(self, name: str) -> str:
         """The `info` component of tensor `name` (one of `components`)."""
@@ -86,6 +89,10 @@ class Family:
 
     def parity_function(self) -> Callable:
         return _resolve(self.parity)
+
+    def vision_memory_hook(self):
+        """The family's `ms_xcomposer.memory.VisionMemory` (None when it has none)."""
+        return None if self.vision_memory is None else _resolve(self.vision_memory)
 
     def parameter_shapes(self, config) -> Dict[str, Tuple[int, ...]]:
         """Every parameter of the model `config` describes, by name, with its shape, read off the family's Cells

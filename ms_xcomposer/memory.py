@@ -15,9 +15,12 @@ The formula follows the code as it is (bytes; B = batch, S = prompt rows, C = KV
   and their casts; see `models/attention.py`), plus B x K x (3 x ffn + qkv_out + 4 x hidden) x c (feed-forward
   and projections), plus the prompt embeddings B x S x hidden x c and the last logits B x vocab x 4.
   Linear in S (through C and the embeddings).
-- vision activation (images are encoded one after the other; the largest counts) = VIT_ATTENTION_COPIES x
-  views x vit_heads x T x T x 4 + views x T x (vit_ffn + 4 x vit_width) x c, where views = 1 + tiles (HD
-  variants) and T = patches + 1.
+- vision activation: the family's hook (`Family.vision_memory`, a `VisionLoad` of the images) on the shared
+  ViT formula `vit_activation` = VIT_ATTENTION_COPIES x views x vit_heads x T x T x 4 + views x T x (vit_ffn +
+  4 x vit_width) x c, T = patches + 1 tokens per view. XComposer2 encodes images one after the other (the
+  largest counts), views = 1 + HD tiles; LLaVA encodes a turn's images together, one view each, T = 577 at 336
+  px; InternVL encodes every tile of a turn together, views = all tiles (thumbnails included), T = 1025 at 448
+  px (its projector, on 256 tokens of 4 x vit_width per tile, runs after the ViT and needs less).
 - activation = max(vision, prefill): the vision tower finishes before the prefill starts.
 - loading = weights x LOADING_PEAK_RATIO: `from_pretrained` builds the model unallocated, then hands each tensor
   over as it is read (no second copy).
@@ -32,11 +35,10 @@ between 1/2 and 1.5; PyNative measures below the estimate, GRAPH above it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 from ms_xcomposer.cache import round_capacity
 from ms_xcomposer.config import PREFILL_CHUNK
-from ms_xcomposer.models.xcomposer2.config import XComposerConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 ATTENTION_COPIES = 4.5  # float32 [heads, S, C] tensors alive at the attention's peak (4.2 PyNative, up to 6.3 GRAPH)
@@ -106,24 +108,48 @@ def parameter_bytes(shapes: Dict[str, Sequence[int]], dtype: str) -> int:
     return count * dtype_bytes(dtype)
 
 
-def image_rows(config: XComposerConfig, grid: Optional[Tuple[int, int]]) -> int:
-    """Prompt rows of one image: its HD tile grid (rows, cols), or None for IXC2-VL's single view."""
-    return config.image_tokens(*grid) if grid is not None else config.image_tokens()
+@dataclass(frozen=True)
+class VisionLoad:
+    """What a request's images cost: the prompt rows they fill, the vision side's activation peak in bytes, and
+    their layout in words (`info --estimate`)."""
+
+    rows: int
+    activation: int
+    layout: str = ""
+    option_value: Optional[int] = None  # the value of the family's image option the layout assumes
 
 
-def worst_grid(config: XComposerConfig, hd_num: int) -> Optional[Tuple[int, int]]:
-    """The HD grid with the most image rows that `hd_num` tiles allow (a hd_num x 1 strip); None for VL."""
-    return (hd_num, 1) if config.spec.hd_tiles else None
+@dataclass(frozen=True)
+class VisionMemory:
+    """A family's vision side for the estimate (`Family.vision_memory` names one):
+
+    option: the chat option that bounds an image's size ("hd_num", "max_num"; None: images have one size);
+    worst(config, n_images, option_value, c): the `VisionLoad` of n images at the largest layout the option
+    (None: the family's default) allows, compute dtype of c bytes; title(config): the model's short name;
+    prompt_limit(config): a length the prompt is cut to (None: not cut).
+    """
+
+    option: Optional[str]
+    worst: Callable[[object, int, Optional[int], int], VisionLoad]
+    title: Callable[[object], str]
+    prompt_limit: Callable[[object], Optional[int]] = lambda config: None
 
 
-def estimate(config: XComposerConfig, *, prompt_rows: int, max_new_tokens: int, compute_dtype: str,
-             weight_dtype: str, weight_bytes: int, image_grids: Iterable[Optional[Tuple[int, int]]] = (),
-             batch: int = 1, num_beams: int = 1) -> MemoryEstimate:
+def vit_activation(views: int, heads: int, tokens: int, ffn: int, width: int, c: int) -> int:
+    """Peak bytes of one ViT layer on `views` images of `tokens` tokens each (compute dtype of c bytes): the
+    attention scores in float32 (VIT_ATTENTION_COPIES copies) and the feed-forward's activations."""
+    scores = VIT_ATTENTION_COPIES * views * heads * tokens * tokens * 4
+    layer = views * tokens * (ffn + 4 * width) * c
+    return scores + layer
+
+
+def estimate(config, *, prompt_rows: int, max_new_tokens: int, compute_dtype: str, weight_dtype: str,
+             weight_bytes: int, vision_activation: int = 0, batch: int = 1, num_beams: int = 1) -> MemoryEstimate:
     """The memory of one chat request (see the module docstring for the formula).
 
-    prompt_rows: embedding rows of the prompt (text ids + image rows); max_new_tokens: the generation budget;
-    weight_bytes: the parameters' bytes in `weight_dtype` (`parameter_bytes`); image_grids: the HD grid
-    (rows, cols) of each image (None for VL), for the vision tower's peak.
+    config: any family's config (its `llm` is the decoder's); prompt_rows: embedding rows of the prompt (text ids
+    + image rows); max_new_tokens: the generation budget; weight_bytes: the parameters' bytes in `weight_dtype`
+    (`parameter_bytes`); vision_activation: the images' vision-side peak (the family's `VisionLoad.activation`).
     """
     if batch < 1 or num_beams < 1 or prompt_rows < 1 or max_new_tokens < 1:
         raise ValueError("batch, num_beams, prompt_rows and max_new_tokens must be positive")
@@ -131,29 +157,17 @@ def estimate(config: XComposerConfig, *, prompt_rows: int, max_new_tokens: int, 
     llm = config.llm
     capacity = round_capacity(prompt_rows + max_new_tokens)
     kv = 2 * llm.num_hidden_layers * batch * num_beams * llm.num_key_value_heads * capacity * llm.head_dim * c
-    vision = max((_vision_bytes(config, grid, c) for grid in image_grids), default=0)
-    activation = max(vision, _llm_prefill_bytes(config, batch, prompt_rows, capacity, c))
-    weights = weight_bytes
-    return MemoryEstimate(weights=weights, kv_cache=kv, activation=activation,
-                          loading=int(weights * LOADING_PEAK_RATIO), prompt_rows=prompt_rows, capacity=capacity)
+    activation = max(vision_activation, _llm_prefill_bytes(llm, batch, prompt_rows, capacity, c))
+    return MemoryEstimate(weights=weight_bytes, kv_cache=kv, activation=activation,
+                          loading=int(weight_bytes * LOADING_PEAK_RATIO), prompt_rows=prompt_rows, capacity=capacity)
 
 
-def _llm_prefill_bytes(config: XComposerConfig, batch: int, rows: int, capacity: int, c: int) -> int:
-    llm = config.llm
+def _llm_prefill_bytes(llm, batch: int, rows: int, capacity: int, c: int) -> int:
     chunk = min(rows, PREFILL_CHUNK)
     scores = int(ATTENTION_COPIES * batch * llm.num_attention_heads * chunk * capacity * 4)
     layer = batch * chunk * (3 * llm.intermediate_size + llm.qkv_out + 4 * llm.hidden_size) * c
     embeds = batch * rows * llm.hidden_size * c
     return scores + layer + embeds + batch * llm.vocab_size * 4
-
-
-def _vision_bytes(config: XComposerConfig, grid: Optional[Tuple[int, int]], c: int) -> int:
-    vit = config.vision
-    views = 1 + (grid[0] * grid[1] if grid is not None else 0)
-    tokens = vit.num_positions
-    scores = VIT_ATTENTION_COPIES * views * vit.num_attention_heads * tokens * tokens * 4
-    layer = views * tokens * (vit.intermediate_size + 4 * vit.hidden_size) * c
-    return scores + layer
 
 
 # ---- measuring (tests and benchmarks) -------------------------------------------------------------------

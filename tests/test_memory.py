@@ -1,4 +1,6 @@
-"""The memory estimate (ms_xcomposer/memory.py) against a measured peak RSS, and the HD grid it is given.
+"""The memory estimate (ms_xcomposer/memory.py) against a measured peak RSS, and the HD grid it is given; the
+InternVL and LLaVA estimates (their `vision_memory` hooks) against numbers computed here from their tiny configs,
+as `info --estimate` and `chat`'s pre-check print them.
 
 Judge: the peak resident set size of a fresh process (VmHWM, reset just before the chat: getrusage's ru_maxrss
 would carry the pytest process's high-water mark across fork and exec) during one chat on the tiny IXC-2.5
@@ -17,6 +19,7 @@ from PIL import Image
 from ms_xcomposer import memory
 from ms_xcomposer.models.xcomposer2 import FAMILY
 from ms_xcomposer.models.xcomposer2.config import preset
+from ms_xcomposer.models.xcomposer2.memory import grid_load
 from ms_xcomposer.models.xcomposer2.processing import hd_grid, hd_transform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +72,8 @@ def test_estimate_is_within_a_factor_of_the_measured_peak(converted, photo, mode
     config = preset("tiny-ixc2.5")
     weights = memory.parameter_bytes(FAMILY.parameter_shapes(config), "float32")
     est = memory.estimate(config, prompt_rows=measured["rows"], max_new_tokens=2, compute_dtype="float32",
-                          weight_dtype="float32", weight_bytes=weights, image_grids=[grid])
+                          weight_dtype="float32", weight_bytes=weights,
+                          vision_activation=grid_load(config, [grid], 4).activation)
     ratio = measured["rise"] / (est.activation + 2 * est.kv_cache)
     assert 1 / OVER <= ratio <= UNDER, (ratio, measured)
 
@@ -80,3 +84,105 @@ def test_hd_grid_is_the_grid_hd_transform_makes(kind, tile):
         for hd in (1, 4, 6, 24, 25):
             canvas = hd_transform(Image.new("RGB", size), hd, tile, kind)
             assert hd_grid(size, hd, tile, kind) == (canvas.height // tile, canvas.width // tile), (size, hd)
+
+
+# ---- the other families' vision side: numbers from the configs, computed here ----------------------------------
+INTERNVL_DATA = os.path.join(ROOT, "tests", "data", "internvl15_tiny")
+MEMORY_PROBE = ("import sys, psutil\n"  # the chat command with the available memory reported as argv[1] bytes
+                "real = psutil.virtual_memory\n"
+                "psutil.virtual_memory = lambda: real()._replace(available=int(sys.argv[1]))\n"
+                "from ms_xcomposer.cli import main\n"
+                "sys.exit(main(sys.argv[2:]))\n")
+
+
+def _cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "GLOG_v"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def _weight_bytes(directory: str) -> int:
+    """float32 bytes of every tensor the safetensors library finds in `directory`."""
+    from safetensors import safe_open
+
+    count = 0
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), "np") as f:
+                for key in f.keys():
+                    n = 1
+                    for d in f.get_slice(key).get_shape():
+                        n *= d
+                    count += n
+    return 4 * count
+
+
+def _expected(weights, rows, new, layers, kv_heads, head_dim, heads, hidden, ffn, vocab, vision):
+    """The memory.py formula written out: float32, batch 1, chunks of 256 rows, capacities in steps of 256."""
+    capacity = -(-(rows + new) // 256) * 256
+    kv = 2 * layers * kv_heads * capacity * head_dim * 4
+    chunk = min(rows, 256)
+    prefill = int(4.5 * heads * chunk * capacity * 4) + chunk * (3 * ffn + (heads + 2 * kv_heads) * head_dim
+                                                                + 4 * hidden) * 4 + rows * hidden * 4 + vocab * 4
+    activation = max(vision, prefill)
+    return dict(weights=weights, kv_cache=kv, activation=activation, prompt_rows=rows, capacity=capacity,
+                total=max(int(weights * 1.1), weights + 2 * kv + activation))
+
+
+def test_internvl_estimate_from_its_config():
+    """The golden InternVL (CASE.md): InternViT 448 px / patch 14 (1025 tokens per tile), width 64, 4 heads, FFN 128;
+    InternLM2 2 layers, hidden 64, 4 heads, 2 KV heads of 16, FFN 128, vocab 92553. --max-num 3: 3 tiles + the
+    thumbnail, 256 rows each + <img> </img>; all tiles in one ViT call (3 float32 score copies)."""
+    hf = os.path.join(INTERNVL_DATA, "hf")
+    out = _cli("-m", "ms_xcomposer", "info", hf, "--estimate", "--max-num", "3", "--max-new-tokens", "100",
+               "--dtype", "float32", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    image_rows = 4 * 256 + 2
+    vision = 3 * 4 * 4 * 1025 * 1025 * 4 + 4 * 1025 * (128 + 4 * 64) * 4
+    want = _expected(_weight_bytes(hf), image_rows + 256, 100, 2, 2, 16, 4, 64, 128, 92553, vision)
+    assert {k: got[k] for k in want} == want and got["max_num"] == 3 and got["activation"] == vision
+    text = _cli("-m", "ms_xcomposer", "info", hf, "--estimate", "--max-new-tokens", "100", "--dtype", "float32")
+    assert text.returncode == 0, text.stderr
+    first = text.stdout.splitlines()[0]
+    assert first.endswith(f"InternVL-1.5, memory of one chat (float32 weights and compute, batch 1): one image "
+                          f"(max_num 6, 7 tiles with the thumbnail: {7 * 256 + 2} rows) + 256 text rows, "
+                          "100 new tokens"), first
+    wrong = _cli("-m", "ms_xcomposer", "info", hf, "--estimate", "--hd-num", "4")
+    assert (wrong.returncode, wrong.stderr) == (
+        2, "error: --hd-num does not apply to the internvl family (its image option is --max-num)\n")
+
+
+def test_internvl_chat_precheck_uses_the_estimate(tmp_path):
+    """`chat` on a converted InternVL directory refuses a request over the available memory, naming the figures
+    computed here: two images at --max-num 2 (3 tiles each, 6 in one ViT call) and the query's bytes."""
+    from ms_xcomposer.conversion.convert import convert
+
+    model_dir = str(tmp_path / "internvl")
+    convert(os.path.join(INTERNVL_DATA, "hf"), model_dir)
+    image = os.path.join(INTERNVL_DATA, "image_small.png")
+    out = _cli("-c", MEMORY_PROBE, "300000000", "chat", model_dir, "--query", "hi", "--image", image, "--image", image,
+               "--max-num", "2", "--max-new-tokens", "4", "--dtype", "float32")
+    assert out.returncode == 2, out.stderr
+    rows = 2 * (3 * 256 + 2) + 256 + len(b"hi")
+    vision = 3 * 6 * 4 * 1025 * 1025 * 4 + 6 * 1025 * (128 + 4 * 64) * 4
+    want = _expected(_weight_bytes(os.path.join(INTERNVL_DATA, "hf")), rows, 4, 2, 2, 16, 4, 64, 128, 92553, vision)
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    assert (f"(weights {gb(want['weights'])} + KV cache 2 x {gb(want['kv_cache'])} + activation "
+            f"{gb(want['activation'])} (a prompt of {rows} rows)") in out.stderr.splitlines()[-1], out.stderr
+
+
+def test_llava_estimate_from_its_config(tmp_path):
+    """The demo's tiny LLaVA (models/llava/synthetic.py): CLIP 112 px / patch 14 (64 image rows, 65 tokens),
+    width 64, 2 heads, FFN 128; LLaMA 2 layers, hidden 128, 4 heads, 2 KV heads of 32, FFN 256, vocab 1002."""
+    from ms_xcomposer.models.llava.synthetic import write_random_checkpoint
+
+    hf = str(tmp_path / "llava")
+    os.makedirs(hf)
+    write_random_checkpoint(hf)
+    out = _cli("-m", "ms_xcomposer", "info", hf, "--estimate", "--max-new-tokens", "50", "--dtype", "float32",
+               "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    vision = 3 * 1 * 2 * 65 * 65 * 4 + 65 * (128 + 4 * 64) * 4
+    want = _expected(_weight_bytes(hf), 64 + 256, 50, 2, 2, 32, 4, 128, 256, 1002, vision)
+    assert {k: got[k] for k in want} == want and got["vision_activation"] == vision

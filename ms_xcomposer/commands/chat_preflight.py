@@ -4,7 +4,8 @@
 decoding options (warning about sampling options that greedy decoding ignores), the device / mode / dtype (the
 device is selected here), `--max-new-tokens` against the context length, and then, through the family's request
 check (`Family.request_check`; XComposer2: `models/xcomposer2/preflight.py`), every image, the prompt and the
-memory the request needs against the available memory. It returns a `ChatPlan`.
+memory the request needs against the available memory. Families without a request check (LLaVA, InternVL) get
+the files checked and the estimate of their `vision_memory` hook (`hook_estimate`). It returns a `ChatPlan`.
 """
 from __future__ import annotations
 
@@ -112,7 +113,27 @@ def _check_memory(estimate, force: bool) -> None:
         return
     raise MemoryRequestError(
         f"this request needs about {gb(need)} of memory ({summary}), more than the {gb(available)} available; "
-        "use a smaller --hd-num, smaller or fewer images, or a smaller --max-new-tokens (--force tries anyway)")
+        "use a smaller --hd-num / --max-num, smaller or fewer images, or a smaller --max-new-tokens "
+        "(--force tries anyway)")
+
+
+def hook_estimate(family, config, query: Optional[str], n_images: int, options: dict, max_new_tokens: int,
+                  compute: str, weight_dtype: str, weight_bytes: int, num_beams: int = 1):
+    """The estimate of a family without a request check, from its `vision_memory` hook (None without one): every
+    image at the largest layout the family's image option allows (sizes are not read), and the query's UTF-8
+    bytes (at least one byte per token) plus `TEXT_ALLOWANCE` rows of template and history as its text."""
+    from ms_xcomposer import memory
+
+    hook = family.vision_memory_hook()
+    if hook is None:
+        return None
+    images = hook.worst(config, n_images, options.get(hook.option) if hook.option else None,
+                        memory.dtype_bytes(compute))
+    rows = images.rows + memory.TEXT_ALLOWANCE + len((query or "").encode("utf-8"))
+    limit = hook.prompt_limit(config)
+    return memory.estimate(config, prompt_rows=rows if limit is None else min(rows, limit),
+                           max_new_tokens=max_new_tokens, compute_dtype=compute, weight_dtype=weight_dtype,
+                           weight_bytes=weight_bytes, vision_activation=images.activation, num_beams=num_beams)
 
 
 def preflight(args: argparse.Namespace) -> ChatPlan:
@@ -143,6 +164,10 @@ def preflight(args: argparse.Namespace) -> ChatPlan:
         plan = ChatPlan(family, generation, options, None, None, None, weight_bytes)
         if args.image:
             plan.images = plan.turn_images(args.image) if args.query is not None else None
+        plan.estimate = hook_estimate(family, config, args.query, len(args.image or ()), options, max_new, compute,
+                                      weight_dtype, weight_bytes, generation.get("num_beams", 1))
+        if plan.estimate is not None and runtime.current_device() == "CPU":
+            _check_memory(plan.estimate, args.force)
         return plan
 
     check = family.request_check_class()(args.model_dir, config, options)

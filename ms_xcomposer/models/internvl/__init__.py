@@ -30,6 +30,7 @@ FAMILY = Family(
     components=info.COMPONENTS,
     component_of=info.component,
     describe=info.describe,
+    vision_memory="ms_xcomposer.models.internvl.memory:VISION_MEMORY",
 )
 
 _LAZY = {"InternVLChatModel": "modeling", "InternVLProcessor": "processor"}

@@ -25,6 +25,8 @@ from PIL import Image
 from ms_xcomposer.images import MAX_IMAGE_PIXELS, ImageError, ImageInput, normalize
 from ms_xcomposer.images import load_image as open_rgb
 
+DEFAULT_MAX_NUM = 6  # the model card's load_image(max_num=6)
+
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), dtype=np.float32)
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), dtype=np.float32)
 

@@ -47,7 +47,7 @@ from ms_xcomposer.prompt_checks import check_history, check_text
 from ms_xcomposer.tokenizer import InternLM2Tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
-DEFAULT_MAX_NUM = 6  # the model card's load_image(max_num=6)
+DEFAULT_MAX_NUM = processing.DEFAULT_MAX_NUM
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ FAMILY = Family(
     component_of=component,
     describe=describe,
     parity="ms_xcomposer.models.llava.parity:compare_loaded",
+    vision_memory="ms_xcomposer.models.llava.memory:VISION_MEMORY",
 )
 
 _LAZY = {"LlavaForConditionalGeneration": "modeling", "LlavaProcessor": "processor"}

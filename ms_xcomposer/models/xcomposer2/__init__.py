@@ -33,6 +33,7 @@ FAMILY = Family(
     describe=info.describe,
     request_check="ms_xcomposer.models.xcomposer2.preflight:XComposer2RequestCheck",
     parity="ms_xcomposer.models.xcomposer2.parity:compare_loaded",
+    vision_memory="ms_xcomposer.models.xcomposer2.memory:VISION_MEMORY",
 )
 
 _LAZY = {"XComposer2ForCausalLM": "modeling", "split_views": "modeling", "OFFICIAL_CHAT_GENERATION": "modeling",

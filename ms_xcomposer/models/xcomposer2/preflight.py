@@ -58,24 +58,25 @@ class XComposer2RequestCheck:
         """(memory estimate, pixels of `images` for a --query turn or None): the prompt's rows from the prompt
         rules and the images' HD grids (from their sizes; videos are decoded for theirs)."""
         from ms_xcomposer import memory
+        from ms_xcomposer.models.xcomposer2.memory import grid_load
 
         cfg = self.config
         hd = effective_hd_num(cfg.spec, len(images), self.hd_num)
         grids = [self._grid(image, hd) for image in images]
-        image_rows = [memory.image_rows(cfg, g) for g, _ in grids]
+        vision = grid_load(cfg, [g for g, _ in grids], memory.dtype_bytes(compute))
         if query is None:  # interactive: the first turn's images and some text
-            rows = sum(image_rows) + memory.TEXT_ALLOWANCE
+            rows = vision.rows + memory.TEXT_ALLOWANCE
         else:
             pieces = build_chat_prompt(query, (), cfg.spec, len(images) if images else None, self.use_meta,
                                        self.meta_instruction)
             text = sum(len(self.tokenizer.encode(p.text, add_bos=p.add_bos)) for p in pieces
                        if isinstance(p, TextPiece))
-            rows = text + sum(image_rows)
+            rows = text + vision.rows
             if images:
                 rows = min(rows, DEFAULT_MAX_LENGTH[cfg.variant])  # the official cut
         est = memory.estimate(cfg, prompt_rows=rows, max_new_tokens=max_new_tokens, compute_dtype=compute,
                               weight_dtype=weight_dtype, weight_bytes=weight_bytes,
-                              image_grids=[g for g, _ in grids], num_beams=num_beams)
+                              vision_activation=vision.activation, num_beams=num_beams)
         pixels = None
         if query is not None and images:  # videos were decoded for their grid already
             pixels = [p if p is not None else preprocess(image, cfg.spec, hd, max_pixels=self.max_pixels)
