@@ -1,8 +1,9 @@
 """The pieces of `ms-xcomposer demo`: a tiny random checkpoint in the real HF layout, and timed chats.
 
-`DEMOS` holds one `DemoSpec` per family the demo covers: "xcomposer2" (the default) and "llava"
+`DEMOS` holds one `DemoSpec` per family the demo covers: "xcomposer2" (the default), "llava"
 (`models.llava.synthetic`: safetensors shards, llava-hf config and processor files, a LLaMA-structured
-tokenizer). `ensure_checkpoint(cache_dir, family=...)` writes (or reuses) the family's HF directory. For
+tokenizer) and "internvl" (`models.internvl.synthetic`: safetensors shards, the InternVLChatModel config.json,
+an InternLM2-structured tokenizer with the InternVL tokens). `ensure_checkpoint(cache_dir, family=...)` writes (or reuses) the family's HF directory. For
 xcomposer2, `cache_dir/hf`: config.json as the released repos write it,
 random bf16 weights of the `tiny-ixc2.5` preset as two pickled `.bin` shards with their index (written without
 torch), `generation_config.json`, and a SentencePiece tokenizer trained on the spot whose vocabulary matches
@@ -86,6 +87,18 @@ def _llava_config() -> Dict[str, object]:
     return config().to_dict()
 
 
+def _write_internvl(dst: str) -> List[str]:
+    from ms_xcomposer.models.internvl.synthetic import write_random_checkpoint
+
+    return write_random_checkpoint(dst, seed=SEED)
+
+
+def _internvl_config() -> Dict[str, object]:
+    from ms_xcomposer.models.internvl.synthetic import config
+
+    return config().to_dict()
+
+
 @dataclass(frozen=True)
 class DemoSpec:
     """One family's demo: its tiny model in words, the checkpoint's files in words, the PyTorch side of its
@@ -113,6 +126,13 @@ DEMOS: Dict[str, DemoSpec] = {
         "bf16 weights in 2 safetensors shards + index, llava-hf config / processor files, LLaMA SentencePiece "
         "tokenizer trained on the spot", "transformers' LlavaForConditionalGeneration", "llava", (), _write_llava,
         lambda: {"family": "llava", "preset": "tiny-llava", "seed": SEED, "config": _llava_config()}),
+    "internvl": DemoSpec(
+        "internvl", "a tiny RANDOM InternVL-1.5 model (preset tiny-internvl: InternViT 2 layers at 448-px tiles, "
+        "InternLM2 2 layers)",
+        "bf16 weights in 2 safetensors shards + index, InternVLChatModel config.json, InternLM2 SentencePiece "
+        "tokenizer trained on the spot with the InternVL tokens", "the project's PyTorch reference of InternVL-1.5",
+        "internvl", (), _write_internvl,
+        lambda: {"family": "internvl", "preset": "tiny-internvl", "seed": SEED, "config": _internvl_config()}),
 }
 
 

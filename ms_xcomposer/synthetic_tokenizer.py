@@ -20,7 +20,7 @@ import io
 import json
 import os
 import random
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 from ms_xcomposer.models.xcomposer2.config import DEFAULT_META_INSTRUCTION
 from ms_xcomposer.models.xcomposer2.prompt import TURN_END, TURN_START
@@ -92,32 +92,35 @@ def _token_entry(content: str) -> Dict[str, object]:
     return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
 
 
-def tokenizer_json_files(vocab_size: int) -> Dict[str, dict]:
-    """{file name: content} of the JSON tokenizer files of the released repos, for a `vocab_size`-piece model."""
-    added = {tok: vocab_size + i for i, tok in enumerate(CHAT_TOKENS)}
+def tokenizer_json_files(vocab_size: int, extra_tokens: Sequence[str] = ()) -> Dict[str, dict]:
+    """{file name: content} of the JSON tokenizer files of the released repos, for a `vocab_size`-piece model;
+    `extra_tokens` are special added tokens after the chat tokens (InternVL's `<img>`, `</img>`, ...)."""
+    specials = (*CHAT_TOKENS, *extra_tokens)
+    added = {tok: vocab_size + i for i, tok in enumerate(specials)}
     decoder = {str(i): {**_token_entry(tok), "special": True} for i, tok in SPECIALS.items()}
     decoder.update({str(i): {**_token_entry(tok), "special": True} for tok, i in added.items()})
     config = {
         "added_tokens_decoder": decoder,
-        "additional_special_tokens": list(CHAT_TOKENS),
+        "additional_special_tokens": list(specials),
         "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
         "bos_token": "<s>", "clean_up_tokenization_spaces": False, "eos_token": "</s>",
         "model_max_length": 1000000000000000019884624838656, "pad_token": "</s>",
         "tokenizer_class": "InternLM2Tokenizer", "unk_token": "<unk>",
     }
-    special_map = {"additional_special_tokens": list(CHAT_TOKENS), "bos_token": _token_entry("<s>"),
+    special_map = {"additional_special_tokens": list(specials), "bos_token": _token_entry("<s>"),
                    "eos_token": _token_entry("</s>"), "pad_token": _token_entry("</s>"),
                    "unk_token": _token_entry("<unk>")}
     return {"tokenizer_config.json": config, "special_tokens_map.json": special_map, "added_tokens.json": added}
 
 
-def write_tokenizer_files(dst: str, vocab_size: int, seed: int = 0) -> List[str]:
-    """Train the tokenizer and write its files into the existing directory `dst`; returns the file names."""
+def write_tokenizer_files(dst: str, vocab_size: int, seed: int = 0, extra_tokens: Sequence[str] = ()) -> List[str]:
+    """Train the tokenizer and write its files into the existing directory `dst` (`extra_tokens`: special added
+    tokens after the chat tokens); returns the file names."""
     model = train_sentencepiece(vocab_size, seed)
     with open(os.path.join(dst, "tokenizer.model"), "wb") as f:
         f.write(model)
     names = ["tokenizer.model"]
-    for name, content in tokenizer_json_files(vocab_size).items():
+    for name, content in tokenizer_json_files(vocab_size, extra_tokens).items():
         with open(os.path.join(dst, name), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, sort_keys=True, ensure_ascii=False)
             f.write("\n")

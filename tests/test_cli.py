@@ -483,6 +483,45 @@ def test_demo_llava(tmp_path):
     assert refused.returncode == 2 and "--hd-num applies to the xcomposer2 demo" in refused.stderr
 
 
+def test_demo_internvl(tmp_path):
+    """`demo --family internvl`: a tiny random InternVL-1.5 checkpoint written without torch, in the official
+    layout (the golden case's tensor names, saved by the official code; its tokenizer's special-token structure),
+    converted and chatted in both modes with identical tokens."""
+    from safetensors import safe_open
+
+    from ms_xcomposer.tokenizer import InternLM2Tokenizer
+
+    out = run_cli("demo", "--family", "internvl", "--cache-dir", str(tmp_path), "--max-new-tokens", "6")
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "a tiny RANDOM InternVL-1.5 model" in text
+    hf = tmp_path / "internvl" / "hf"
+    assert "[1/5] checkpoint created in " in text and str(hf) in text
+    assert re.search(r"^\[2/5\] converted 53 tensors", text, re.M)
+    assert re.search(r"^\[3/5\] PyNative chat, 'Describe this image\.' about demo\.png:$", text, re.M)
+    assert re.search(r"^  graphs compiled +[1-9]\d* in the first GRAPH turn, 0 more for the follow-up$", text, re.M)
+    assert re.search(r"^  PyNative = GRAPH +identical tokens \(6 tokens\)$", text, re.M)
+    assert text.rstrip().endswith("demo: OK") and "Traceback" not in out.stderr
+    golden = os.path.join(ROOT, "tests", "data", "internvl15_tiny", "hf")
+    names = {}
+    for directory in (str(hf), golden):
+        keys = set()
+        for name in os.listdir(directory):
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(directory, name), "np") as f:
+                    keys.update(f.keys())
+        names[directory] = keys
+    assert names[str(hf)] == names[golden] and len(names[golden]) == 53
+    with open(os.path.join(golden, "tokenizer_config.json"), encoding="utf-8") as f:
+        golden_specials = json.load(f)["additional_special_tokens"]
+    with open(hf / "tokenizer_config.json", encoding="utf-8") as f:
+        assert json.load(f)["additional_special_tokens"] == golden_specials
+    tok = InternLM2Tokenizer.from_pretrained(str(hf))
+    # the added tokens follow the 1000 pieces in the golden's order: <|im_start|> 1000 ... <img> 1006, <IMG_CONTEXT> 1008
+    assert tok.encode("<|im_start|><img><IMG_CONTEXT></img><|im_end|>", add_bos=True) == [1, 1000, 1006, 1008, 1007,
+                                                                                        1001]
+
+
 def test_tokenizer_training_refuses_a_vocabulary_too_small():
     from ms_xcomposer.synthetic_tokenizer import train_sentencepiece
 

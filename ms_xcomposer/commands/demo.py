@@ -1,9 +1,9 @@
 """`ms-xcomposer demo`: the whole pipeline on a tiny random model, with nothing but the install.
 
 Steps: (1) create (or reuse) a tiny random checkpoint of the family (`--family`: xcomposer2, the default, an
-IXC-2.5; llava) in the real HF layout in the cache directory, (2) convert it, (3) chat about the bundled image in
-PyNative mode, (4) compare with the family's PyTorch side (the project's reference; transformers' Llava) stage by
-stage when torch and transformers are installed, (5) chat in GRAPH mode (a first turn that compiles
+IXC-2.5; llava; internvl) in the real HF layout in the cache directory, (2) convert it, (3) chat about the bundled
+image in PyNative mode, (4) compare with the family's PyTorch side (the project's reference; transformers' Llava)
+stage by stage when torch and transformers are installed and the family has a parity hook, (5) chat in GRAPH mode (a first turn that compiles
 the graphs, then a follow-up whose new prompt length must not compile again). Then a short report.
 Exit 1 if a check fails: parity, PyNative and GRAPH answers identical, no recompilation for the follow-up.
 """
@@ -17,20 +17,22 @@ from typing import List, Optional, Tuple
 
 from ms_xcomposer.cli import EXIT_CHECK_FAILED, EXIT_OK
 
-DEMO_FAMILIES = ("xcomposer2", "llava")  # the keys of `ms_xcomposer.demo.DEMOS` (not imported here: argparse only)
+DEMO_FAMILIES = ("xcomposer2", "llava", "internvl")  # the keys of `ms_xcomposer.demo.DEMOS` (not imported here: argparse only)
 
 EXAMPLES = """examples:
   ms-xcomposer demo
   ms-xcomposer demo --cache-dir /tmp/xc-demo --max-new-tokens 4
   ms-xcomposer demo --no-parity          # skip the PyTorch comparison even when torch is installed
   ms-xcomposer demo --family llava       # a tiny random LLaVA-1.5 (llava-hf layout), transformers as PyTorch side
+  ms-xcomposer demo --family internvl    # a tiny random InternVL-1.5 (InternVLChatModel layout)
 
 The model is random (the `tiny-ixc2.5` preset: 2 decoder layers of width 256, a 2-layer CLIP tower, vocabulary
 1000): its answers are meaningless text. The demo shows the pipeline working end to end and reports conversion
 speed, tokens/s, parity figures and compiled graphs. The checkpoint is kept in the cache directory (default
 ~/.cache/ms-xcomposer/demo, or $XDG_CACHE_HOME/ms-xcomposer/demo; other families in a subdirectory named after
 them) and reused while its files are unchanged. --family llava: CLIP 3 layers at 112 px (64 image tokens), LLaMA
-2 layers of width 128, vocabulary 1002.
+2 layers of width 128, vocabulary 1002. --family internvl: InternViT (6B flavour) 2 layers of width 64 on 448-px
+tiles (the 896x448 image: 2 tiles + thumbnail, 768 image tokens), InternLM2 2 layers of width 128, vocabulary 1015.
 Runs on CPU; 20-40 s on 2 cores (30 s measured, with torch installed; longer when the machine is busy).
 """
 QUERY = "Describe this image."
@@ -57,16 +59,18 @@ def parity_step(skip: bool, model, processor, hf_dir: str, hd_num: Optional[int]
     """Step 4: compare `model` with the PyTorch side of `hf_dir` (the `Family.parity` hook of `family`) on the
     demo chat and print the table.
 
-    Returns (the report's parity line, a failure message or None). Skipped, with the reason, when `skip` or
-    when torch / transformers are not installed.
+    Returns (the report's parity line, a failure message or None). Skipped, with the reason, when `skip`, when
+    torch / transformers are not installed, or when the family has no parity hook.
     """
-    if skip or not have_torch():
+    from ms_xcomposer.families import family_named
+
+    if skip or not have_torch() or family_named(family).parity is None:
         line = ("skipped (--no-parity)" if skip else
-                "skipped: torch and transformers are not installed (pip install 'ms-xcomposer[parity]')")
+                "skipped: torch and transformers are not installed (pip install 'ms-xcomposer[parity]')"
+                if not have_torch() else f"skipped: the {family} family has no stage-by-stage parity hook")
         print(f"[4/5] parity: {line}")
         return line, None
     from ms_xcomposer import demo
-    from ms_xcomposer.families import family_named
     from ms_xcomposer.parity import ParityRequest, parity_hook, tolerance_key
 
     spec = demo.DEMOS[family]
@@ -169,7 +173,7 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "demo", help="run the whole pipeline on a tiny random model (needs nothing but the install)",
-        description="Create a tiny random checkpoint (IXC-2.5 by default, or --family llava) in the real HF "
+        description="Create a tiny random checkpoint (IXC-2.5 by default, or --family llava / internvl) in the real HF "
                     "layout, convert it, chat about a bundled image in PyNative and GRAPH mode, compare with the "
                     "family's PyTorch side when torch is installed, and report speed, parity and compiled graphs.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
