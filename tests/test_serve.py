@@ -412,7 +412,7 @@ INTERNVL_DATA = os.path.join(os.path.dirname(DATA), "internvl15_tiny")
 
 def test_internvl_checkpoint_is_served(tmp_path):
     """The golden InternVL-1.5 checkpoint served: an image request (the official chat's answer, the same as the
-    library's), a system message (InternVL's `system_message`) and the `max_num` extension, each equal to the
+    library's; also streamed), a system message (InternVL's `system_message`) and the `max_num` extension, each equal to the
     library's chat with the same arguments."""
     from ms_xcomposer.conversion.convert import convert
 
@@ -433,6 +433,8 @@ def test_internvl_checkpoint_is_served(tmp_path):
         text, reason, usage = ask(client, [{"role": "user", "content": content}], model="internvl", extra_body={})
         assert text == want[0].response and want[0].ids == golden["generated_ids"][:MAX_TOKENS]
         assert reason == "length" and usage.prompt_tokens == 1830  # 7 tiles x 256 image rows + 38 text rows
+        streamed = ask(client, [{"role": "user", "content": content}], stream=True, model="internvl", extra_body={})
+        assert streamed[0] == want[0].response and streamed[2].completion_tokens == MAX_TOKENS
         text, _, _ = ask(client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
                          model="internvl", extra_body={})
         assert text == want[1].response
