@@ -266,9 +266,10 @@ def test_batch_chat_rows_equal_alone(loaded, golden_chat, mode):
     assert all(len(ids) >= 2 for ids in alone) and len({tuple(ids) for ids in alone}) == 4
 
 
-def test_official_batch_chat_prompts():
-    """One row of the official batch_chat: the chat prompt of its image; a count of 0 keeps an empty block."""
-    assert batch_chat_prompt(QUERY, 7) == chat_prompt(QUERY, 7)
+def test_official_batch_chat_prompts(golden_chat):
+    """One row of the official batch_chat: the chat prompt of its image (the golden run's exact prompt); a count
+    of 0 keeps an empty block."""
+    assert batch_chat_prompt(QUERY, 7) == golden_chat["query"] == chat_prompt(QUERY, 7)
     assert batch_chat_prompt(QUERY, 0) == chat_prompt("<img></img>\n" + QUERY, None)
     assert batch_chat_prompt(QUERY, None) == chat_prompt(QUERY, None)
 
