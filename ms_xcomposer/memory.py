@@ -20,7 +20,8 @@ The formula follows the code as it is (bytes; B = batch, S = prompt rows, C = KV
   4 x vit_width) x c, T = patches + 1 tokens per view. XComposer2 encodes images one after the other (the
   largest counts), views = 1 + HD tiles; LLaVA encodes a turn's images together, one view each, T = 577 at 336
   px; InternVL encodes every tile of a turn together, views = all tiles (thumbnails included), T = 1025 at 448
-  px (its projector, on 256 tokens of 4 x vit_width per tile, runs after the ViT and needs less).
+  px, with 4 score copies (InternViT measured 2.5-2.7 PyNative, 4.5-4.6 GRAPH; its projector, on 256 tokens of
+  4 x vit_width per tile, runs after the ViT and needs less).
 - activation = max(vision, prefill): the vision tower finishes before the prefill starts.
 - loading = weights x LOADING_PEAK_RATIO: `from_pretrained` builds the model unallocated, then hands each tensor
   over as it is read (no second copy).
@@ -135,10 +136,12 @@ class VisionMemory:
     prompt_limit: Callable[[object], Optional[int]] = lambda config: None
 
 
-def vit_activation(views: int, heads: int, tokens: int, ffn: int, width: int, c: int) -> int:
+def vit_activation(views: int, heads: int, tokens: int, ffn: int, width: int, c: int,
+                   copies: float = VIT_ATTENTION_COPIES) -> int:
     """Peak bytes of one ViT layer on `views` images of `tokens` tokens each (compute dtype of c bytes): the
-    attention scores in float32 (VIT_ATTENTION_COPIES copies) and the feed-forward's activations."""
-    scores = VIT_ATTENTION_COPIES * views * heads * tokens * tokens * 4
+    attention scores in float32 (`copies` copies alive at the peak, measured per tower) and the feed-forward's
+    activations."""
+    scores = int(copies * views * heads * tokens * tokens * 4)
     layer = views * tokens * (ffn + 4 * width) * c
     return scores + layer
 
