@@ -3,8 +3,8 @@
 `DEMOS` holds one `DemoSpec` per family the demo covers: "xcomposer2" (the default), "llava"
 (`models.llava.synthetic`: safetensors shards, llava-hf config and processor files, a LLaMA-structured
 tokenizer) and "internvl" (`models.internvl.synthetic`: safetensors shards, the InternVLChatModel config.json,
-an InternLM2-structured tokenizer with the InternVL tokens). `ensure_checkpoint(cache_dir, family=...)` writes (or reuses) the family's HF directory. For
-xcomposer2, `cache_dir/hf`: config.json as the released repos write it,
+an InternLM2-structured tokenizer with the InternVL tokens). `ensure_checkpoint(cache_dir, family=...)` writes
+(or reuses) the family's HF directory. For xcomposer2, `cache_dir/hf`: config.json as the released repos write it,
 random bf16 weights of the `tiny-ixc2.5` preset as two pickled `.bin` shards with their index (written without
 torch), `generation_config.json`, and a SentencePiece tokenizer trained on the spot whose vocabulary matches
 the model's 1000 embedding rows (`ms_xcomposer.synthetic_tokenizer`). A manifest with every file's size and

@@ -517,7 +517,7 @@ def test_demo_internvl(tmp_path):
     with open(hf / "tokenizer_config.json", encoding="utf-8") as f:
         assert json.load(f)["additional_special_tokens"] == golden_specials
     tok = InternLM2Tokenizer.from_pretrained(str(hf))
-    # the added tokens follow the 1000 pieces in the golden's order: <|im_start|> 1000 ... <img> 1006, <IMG_CONTEXT> 1008
+    # the added tokens follow the 1000 pieces in the golden's order: <|im_start|> 1000, <img> 1006, <IMG_CONTEXT> 1008
     assert tok.encode("<|im_start|><img><IMG_CONTEXT></img><|im_end|>", add_bos=True) == [1, 1000, 1006, 1008, 1007,
                                                                                         1001]
 

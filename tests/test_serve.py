@@ -412,8 +412,8 @@ INTERNVL_DATA = os.path.join(os.path.dirname(DATA), "internvl15_tiny")
 
 def test_internvl_checkpoint_is_served(tmp_path):
     """The golden InternVL-1.5 checkpoint served: an image request (the official chat's answer, the same as the
-    library's; also streamed), a system message (InternVL's `system_message`) and the `max_num` extension, each equal to the
-    library's chat with the same arguments."""
+    library's; also streamed), a system message (InternVL's `system_message`) and the `max_num` extension, each
+    equal to the library's chat with the same arguments, one at a time and then all three at once."""
     from ms_xcomposer.conversion.convert import convert
 
     model_dir = str(tmp_path / "internvl")
@@ -442,6 +442,13 @@ def test_internvl_checkpoint_is_served(tmp_path):
                              extra_body={"max_num": 1})
         assert text == want[2].response and usage.prompt_tokens == 1830 - 6 * 256
         assert len({w.response for w in want}) == 3
+        requests = [([{"role": "user", "content": content}], {}),
+                    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], {}),
+                    ([{"role": "user", "content": content}], {"max_num": 1})]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # the three at once: rows of one decode batch
+            answers = list(pool.map(lambda r: ask(started(running).client(), r[0], model="internvl",
+                                                  extra_body=r[1])[0], requests))
+        assert answers == [w.response for w in want]
         with pytest.raises(openai.BadRequestError, match=r"unknown InternVL chat options \['hd_num'\]"):
             ask(client, [{"role": "user", "content": "Hi"}], model="internvl")
     finally:

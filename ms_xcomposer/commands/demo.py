@@ -3,8 +3,9 @@
 Steps: (1) create (or reuse) a tiny random checkpoint of the family (`--family`: xcomposer2, the default, an
 IXC-2.5; llava; internvl) in the real HF layout in the cache directory, (2) convert it, (3) chat about the bundled
 image in PyNative mode, (4) compare with the family's PyTorch side (the project's reference; transformers' Llava)
-stage by stage when torch and transformers are installed and the family has a parity hook, (5) chat in GRAPH mode (a first turn that compiles
-the graphs, then a follow-up whose new prompt length must not compile again). Then a short report.
+stage by stage when torch and transformers are installed and the family has a parity hook, (5) chat in GRAPH
+mode (a first turn that compiles the graphs, then a follow-up whose new prompt length must not compile again).
+Then a short report.
 Exit 1 if a check fails: parity, PyNative and GRAPH answers identical, no recompilation for the follow-up.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import List, Optional, Tuple
 
 from ms_xcomposer.cli import EXIT_CHECK_FAILED, EXIT_OK
 
-DEMO_FAMILIES = ("xcomposer2", "llava", "internvl")  # the keys of `ms_xcomposer.demo.DEMOS` (not imported here: argparse only)
+# the keys of `ms_xcomposer.demo.DEMOS` (not imported here: argparse only)
+DEMO_FAMILIES = ("xcomposer2", "llava", "internvl")
 
 EXAMPLES = """examples:
   ms-xcomposer demo

@@ -11,7 +11,8 @@
 Parameters: `max_tokens` / `max_completion_tokens`, `temperature` (0: greedy; absent: the model's default,
 greedy), `top_p`, `seed`, `stop`, `stream` (+ `stream_options.include_usage`), `n` (1 only); extensions
 `hd_num`, `max_num`, `num_beams`, `repetition_penalty`, `infer_mode`, `top_k` (the family options among them,
-`hd_num` / `infer_mode` for XComposer2 and `max_num` for InternVL, are refused by the other families' processors). `user` is accepted and ignored;
+`hd_num` / `infer_mode` for XComposer2 and `max_num` for InternVL, are refused by the other families'
+processors). `user` is accepted and ignored;
 `presence_penalty` / `frequency_penalty` only at 0, `logprobs` only false. Anything else is refused (400).
 
 Every problem raises `ApiError` (status, OpenAI error type and code, the parameter), never a traceback.
@@ -27,7 +28,8 @@ ROLES = ("system", "user", "assistant")
 IGNORED_FIELDS = ("user",)
 NEUTRAL_FIELDS = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
 KNOWN_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-                "stream", "stream_options", "n", "hd_num", "max_num", "num_beams", "repetition_penalty", "infer_mode", "top_k",
+                "stream", "stream_options", "n", "hd_num", "max_num", "num_beams", "repetition_penalty", "infer_mode",
+                "top_k",
                 *IGNORED_FIELDS, *NEUTRAL_FIELDS}
 MAX_STOP_STRINGS = 4
 

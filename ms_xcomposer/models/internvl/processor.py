@@ -153,7 +153,7 @@ class InternVLProcessor:
                            system_message=system_message)
 
     def system_options(self, text: str) -> Dict[str, object]:
-        """The chat options that make `text` the system message (InternVL: `system_message`); the server's system role."""
+        """The chat options that make `text` the system message (`system_message`): the server's system role."""
         return {"system_message": text}
 
     def prepare(self, model, query: str, images: Optional[Sequence[object]] = None,

@@ -133,7 +133,7 @@ class LlavaProcessor:
 
     # ---- the project's processor protocol ----------------------------------------------------------------
     def system_options(self, text: str) -> Dict[str, object]:
-        """The chat options that make `text` the system message (LLaVA: `system`); the server's system role."""
+        """The chat options that make `text` the system message (`system`): the server's system role."""
         return {"system": text}
 
     def prepare(self, model, query: str, images: Optional[Sequence[object]] = None,

@@ -128,7 +128,8 @@ class XComposer2Processor:
 
     # ---- prompts ------------------------------------------------------------------------------------------
     def system_options(self, text: str) -> Dict[str, object]:
-        """The chat options that make `text` the system message (XComposer2: `meta_instruction`, sent (`use_meta`)); the server's system role."""
+        """The chat options that make `text` the system message (`meta_instruction`, sent: `use_meta`): the
+        server's system role."""
         return {"use_meta": True, "meta_instruction": text}
 
     def prepare(self, model, query: str, images: Optional[Sequence[object]] = None,
