@@ -24,9 +24,9 @@ variant's alpha is assumed for its known rank.
 --estimate prints the memory one chat needs (ms_xcomposer/memory.py has the formula): weights held in --dtype,
 the KV cache of the prompt + --max-new-tokens positions, and the activation peak of one image at its largest
 layout plus 256 text rows: XComposer2 at --hd-num tiles (the tile layout with the most rows), InternVL at
---max-num tiles plus the thumbnail (256 rows per tile), LLaVA one 576-row view. On this code the activation grows
-with the square of
-the prompt length. Host overhead (about 0.6 GB for a CPU process) is not included.
+--max-num tiles plus the thumbnail (256 rows per tile), LLaVA one 576-row view. The prefill's activation grows
+linearly with the prompt length (it runs in chunks of 256 rows). Host overhead (about 0.6 GB for a CPU process) is
+not included.
 """
 _KIND = {"hf": "Hugging Face directory", "ms": "converted MindSpore directory"}
 
