@@ -235,3 +235,14 @@ def test_llava_estimate_from_its_config(tmp_path):
     vision = 3 * 1 * 2 * 65 * 65 * 4 + 65 * (128 + 4 * 64) * 4
     want = _expected(_weight_bytes(hf), 64 + 256, 50, 2, 2, 32, 4, 128, 256, 1002, vision)
     assert {k: got[k] for k in want} == want and got["vision_activation"] == vision
+    # chat's pre-check (the HF directory read directly): two images, one ViT call of 2 views, the query's bytes
+    image = os.path.join(INTERNVL_DATA, "image_small.png")
+    out = _cli("-c", MEMORY_PROBE, "1000000", "chat", hf, "--query", "hi", "--image", image, "--image", image,
+               "--max-new-tokens", "4", "--dtype", "float32")
+    assert out.returncode == 2, out.stderr
+    rows = 2 * 64 + 256 + 2
+    vision = 3 * 2 * 2 * 65 * 65 * 4 + 2 * 65 * (128 + 4 * 64) * 4
+    want = _expected(_weight_bytes(hf), rows, 4, 2, 2, 32, 4, 128, 256, 1002, vision)
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    assert (f"(weights {gb(want['weights'])} + KV cache 2 x {gb(want['kv_cache'])} + activation "
+            f"{gb(want['activation'])} (a prompt of {rows} rows)") in out.stderr.splitlines()[-1], out.stderr
