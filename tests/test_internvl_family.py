@@ -296,6 +296,10 @@ def test_official_batch_chat_rows_equal_alone(loaded, golden_chat, mode):
         model.batch_chat(tok, np.concatenate([wide, tall]), [7, 2], questions[:2], GREEDY)
     with pytest.raises(PromptError, match="2 questions but 1 image_counts"):
         model.batch_chat(tok, wide, [7], questions[:2], GREEDY)
+    if mode == "pynative":  # beam search: the rows one after the other, each as `chat` gives it
+        beams = dict(GREEDY, num_beams=2, max_new_tokens=4)
+        beamed = model.batch_chat(tok, np.concatenate([wide, tall]), [7, 3], questions[:2], dict(beams))
+        assert beamed == [model.chat(tok, wide, questions[0], dict(beams)), model.chat(tok, tall, questions[1], beams)]
     with pytest.raises(NotImplementedError, match="multi-turn"):
         model.batch_chat(tok, wide, [7], questions[:1], GREEDY, history=[])
 

@@ -221,11 +221,12 @@ class InternVLChatModel(CausalLM):
         are those of the row alone; here each row keeps its own positions and RoPE tables in a `DecodeBatch`,
         with the same result: every row's ids equal `chat` on its prompt alone. One difference, past the
         context limit only: the official dynamic-NTK base follows the padded batch length (and then sticks,
-        quirk 12), here each row's own length. history / return_history raise NotImplementedError, as the
-        official code does.
+        quirk 12), here each row's own length. Beam search (num_beams > 1) runs the rows one after the other.
+        history / return_history raise NotImplementedError, as the official code does.
         """
         from ms_xcomposer.batching import Row, run_to_completion
         from ms_xcomposer.conversation import PreparedInputs
+        from ms_xcomposer.generation import generate
         from ms_xcomposer.models.internvl.prompt import batch_chat_prompt
 
         if history is not None or return_history:
@@ -248,11 +249,13 @@ class InternVLChatModel(CausalLM):
         prompts = [batch_chat_prompt(q, n, self.num_image_token, self.config.template)
                    for q, n in zip(questions, counts)]  # every prompt checked before the images are encoded
         vit = None if pixel_values is None else self.extract_feature(pixel_values)
-        rows, start = [], 0
+        embeds, start = [], 0
         for prompt, n in zip(prompts, counts):
-            part = vit[start:start + n] if n else None
+            embeds.append(self.splice([tokenizer.encode(prompt, add_bos=True)], vit[start:start + n] if n else None))
             start += n or 0
-            rows.append(Row(PreparedInputs(self.splice([tokenizer.encode(prompt, add_bos=True)], part), {}), cfg))
+        if cfg.num_beams > 1:  # beam search is not batched: each row alone (the same beams as in a padded batch)
+            return [processor.decode(generate(self, e, cfg).ids) for e in embeds]
+        rows = [Row(PreparedInputs(e, {}), cfg) for e in embeds]
         run_to_completion(self, rows)
         return [processor.decode(row.output.ids) for row in rows]
 
