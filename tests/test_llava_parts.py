@@ -391,6 +391,21 @@ def test_config_errors_name_file_and_field(tmp_path, patch, needle):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("content,needle", [
+    (None, "config file {} does not exist"),
+    ("{not json", "config file {} is not valid JSON"),
+    ("[1, 2]", "config file {} does not hold a JSON object"),
+])
+def test_config_file_errors_name_the_file(tmp_path, content, needle):
+    """A missing, malformed or non-object config.json: one line naming the file and the problem."""
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        LlavaConfig.from_file(str(tmp_path))
+    assert needle.format(path) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_tied_head_follows_text_config():
     """transformers ties lm_head to the embedding by text_config.tie_word_embeddings, not the top-level flag."""
     for text_tie, top_tie in ((True, False), (False, True)):
