@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from ms_xcomposer.config import LLMConfig  # noqa: E402
-from ms_xcomposer.engine import attention_bias, row_positions  # noqa: E402
+from ms_xcomposer.engine import attention_bias, mask_positions, row_positions  # noqa: E402
 from ms_xcomposer.models.layers import Linear  # noqa: E402
 from ms_xcomposer.models.llama import LlamaModel  # noqa: E402
 from ms_xcomposer.config import ConfigError  # noqa: E402
@@ -116,6 +116,28 @@ def _run(step, embed, cfg, ids, start, k_caches, v_caches):
     mask = ms.Tensor(np.zeros(ids.shape + (1,), np.float32))
     return step(embeds, mask, ms.Tensor(cos), ms.Tensor(sin), ms.Tensor(slots), ms.Tensor(bias),
                 ms.mutable(tuple(k_caches)), ms.mutable(tuple(v_caches)))
+
+
+def test_mask_positions_are_transformers_generate_positions():
+    """Real tokens take the positions transformers' generate derives from the mask (cumsum - 1), padding -1; with
+    `past`, the last columns only (a cached step); padding between real tokens, and right padding for generation,
+    are refused with the row named."""
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+    expected = torch.tensor(mask).cumsum(-1) - 1  # transformers' prepare_inputs_for_generation
+    got = mask_positions(mask, 6, left_only=True)
+    np.testing.assert_array_equal(got[mask == 1], expected.numpy()[mask == 1])
+    assert (got[mask == 0] == -1).all()
+    np.testing.assert_array_equal(mask_positions(mask, 2, past=4), expected.numpy()[:, 4:])
+    right = mask[:, ::-1]
+    np.testing.assert_array_equal(mask_positions(right, 6)[right == 1], (np.cumsum(right, 1) - 1)[right == 1])
+    with pytest.raises(ValueError, match="row 0 ends with padding: generation needs left padding"):
+        mask_positions(right, 6, left_only=True)
+    with pytest.raises(ValueError, match="row 1 has padding between real tokens"):
+        mask_positions(np.array([[1, 1, 1], [1, 0, 1]]), 3)
+    with pytest.raises(ValueError, match="it must cover the 5 cached and 2 new tokens"):
+        mask_positions(mask, 2, past=5)
+    with pytest.raises(ValueError, match=r"attention_mask must be 0/1 of shape \[batch, length\]"):
+        mask_positions(mask * 2, 6)
 
 
 @pytest.fixture(scope="module", params=sorted(LLAMA_CONFIGS))
