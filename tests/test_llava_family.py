@@ -182,6 +182,65 @@ def test_padded_batch_equals_transformers(checkpoints, mode):
     assert text_ids.tolist() == expected_text.tolist()
 
 
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def half_checkpoints(checkpoints, tmp_path_factory):
+    """{storage dtype: converted dir} of the GQA case converted to float16 and bfloat16."""
+    _, _, hf, _ = checkpoints["gqa-layer-2-default-untied-published"]
+    root = tmp_path_factory.mktemp("llava-half")
+    out = {}
+    for dtype in TORCH_DTYPES:
+        out[dtype] = str(root / dtype)
+        convert(hf, out[dtype], dtype=dtype)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_half_precision_storage_and_compute(checkpoints, half_checkpoints, mode):
+    """fp16 / bf16 checkpoints (converted with dtype=...), computed in float32 and in float16, on a padded batch:
+    logits at the real positions within the table's (storage, compute) row of transformers in float32 on the same
+    rounded weights (the table's reference); greedy tokens those of transformers on the rounded weights in float32
+    (fp32 compute), or run in float16 itself (fp16 compute). bf16 compute is refused on CPU (no MatMul kernel)."""
+    ref, hf_processor, _, _ = checkpoints["gqa-layer-2-default-untied-published"]
+    images = [_image(17)]
+    texts = BATCH_TEXTS[:2]
+    expected_inputs = hf_processor(images=images, text=texts, return_tensors="pt", padding=True)
+    mask = expected_inputs["attention_mask"].numpy().astype(bool)
+    for storage, torch_dtype in TORCH_DTYPES.items():
+        rounded = _with_parameters(ref, lambda p: p.to(torch_dtype).float())
+        half = _with_parameters(rounded, lambda p: p.half())
+        half_inputs = {k: v.half() if v.is_floating_point() else v for k, v in expected_inputs.items()}
+        with torch.no_grad():
+            expected = rounded(**expected_inputs).logits.numpy()
+        expected_tokens = {"float32": _hf_generate(rounded, expected_inputs, max_new_tokens=6),
+                           "float16": _hf_generate(half, half_inputs, max_new_tokens=6)}
+        with mindspore_mode(mode):
+            for compute in ("float32", "float16"):
+                model, processor = load(half_checkpoints[storage], dtype=compute)
+                inputs = processor(images=images, text=texts, padding=True)
+                logits = model(**inputs).logits.asnumpy()
+                tokens = model.generate(**inputs, max_new_tokens=6)
+                what = f"{storage} weights, {compute} compute ({mode})"
+                assert_close(logits[mask], expected[mask], (storage, compute), what)
+                assert tokens.tolist() == expected_tokens[compute].tolist(), what
+            with pytest.raises(ValueError, match="CPU cannot compute in bfloat16; it supports float32, float16"):
+                load(half_checkpoints[storage], dtype="bfloat16")
+
+
+def _with_parameters(ref, cast):
+    """A copy of the transformers model with every parameter cast (buffers such as RoPE's inv_freq stay float32,
+    as `from_pretrained(dtype=...)` keeps them: `model.to(dtype)` would round them too and move the reference)."""
+    import copy
+
+    out = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.data = cast(p.data)
+    return out
+
+
 def test_bad_inputs_are_refused(checkpoints):
     _, _, _, ms_dir = checkpoints["gqa-layer-2-default-untied-published"]
     model, processor = load(ms_dir)
