@@ -166,7 +166,10 @@ def test_padded_batch_equals_transformers(checkpoints, mode):
         out = model(**inputs, use_cache=True)
         step = model(input_ids=step_token.numpy(), attention_mask=step_mask.numpy(),
                      past_key_values=out.past_key_values).logits
-        right = model(**{k: v.numpy() for k, v in right_inputs.items()}).logits
+        right_ours = processor(images=images, text=BATCH_TEXTS, padding=True, padding_side="right")
+        for key in ("input_ids", "attention_mask"):
+            np.testing.assert_array_equal(right_ours[key], right_inputs[key].numpy(), err_msg=f"right {key}")
+        right = model(**right_ours).logits
         greedy_ids = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=eos)
         beam_ids = model.generate(**inputs, max_new_tokens=6, num_beams=3)
         text_ids = model.generate(**processor(text=["USER: Hello there, how are you ASSISTANT:",
@@ -197,7 +200,15 @@ def half_checkpoints(checkpoints, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode", ["pynative", "graph"])
+# (storage, compute) pairs per mode. GRAPH compiles per loaded model, so it runs the two whose graphs differ from
+# the fp32 ones (fp16 weights cast in the graph; fp16 activations): bf16 weights are converted once at load, to
+# float32 (its graphs are the fp32 model's) or to float16 (those of fp16 weights in fp16 compute).
+HALF_CASES = {"pynative": [("float16", "float32"), ("float16", "float16"), ("bfloat16", "float32"),
+                           ("bfloat16", "float16")],
+              "graph": [("float16", "float32"), ("float16", "float16")]}
+
+
+@pytest.mark.parametrize("mode", sorted(HALF_CASES))
 def test_half_precision_storage_and_compute(checkpoints, half_checkpoints, mode):
     """fp16 / bf16 checkpoints (converted with dtype=...), computed in float32 and in float16, on a padded batch:
     logits at the real positions within the table's (storage, compute) row of transformers in float32 on the same
@@ -207,26 +218,24 @@ def test_half_precision_storage_and_compute(checkpoints, half_checkpoints, mode)
     images = [_image(17)]
     texts = BATCH_TEXTS[:2]
     expected_inputs = hf_processor(images=images, text=texts, return_tensors="pt", padding=True)
+    half_inputs = {k: v.half() if v.is_floating_point() else v for k, v in expected_inputs.items()}
     mask = expected_inputs["attention_mask"].numpy().astype(bool)
-    for storage, torch_dtype in TORCH_DTYPES.items():
-        rounded = _with_parameters(ref, lambda p: p.to(torch_dtype).float())
-        half = _with_parameters(rounded, lambda p: p.half())
-        half_inputs = {k: v.half() if v.is_floating_point() else v for k, v in expected_inputs.items()}
+    for storage, compute in HALF_CASES[mode]:
+        rounded = _with_parameters(ref, lambda p: p.to(TORCH_DTYPES[storage]).float())
         with torch.no_grad():
             expected = rounded(**expected_inputs).logits.numpy()
-        expected_tokens = {"float32": _hf_generate(rounded, expected_inputs, max_new_tokens=6),
-                           "float16": _hf_generate(half, half_inputs, max_new_tokens=6)}
+        expected_tokens = (_hf_generate(rounded, expected_inputs, max_new_tokens=6) if compute == "float32" else
+                           _hf_generate(_with_parameters(rounded, lambda p: p.half()), half_inputs, max_new_tokens=6))
         with mindspore_mode(mode):
-            for compute in ("float32", "float16"):
-                model, processor = load(half_checkpoints[storage], dtype=compute)
-                inputs = processor(images=images, text=texts, padding=True)
-                logits = model(**inputs).logits.asnumpy()
-                tokens = model.generate(**inputs, max_new_tokens=6)
-                what = f"{storage} weights, {compute} compute ({mode})"
-                assert_close(logits[mask], expected[mask], (storage, compute), what)
-                assert tokens.tolist() == expected_tokens[compute].tolist(), what
-            with pytest.raises(ValueError, match="CPU cannot compute in bfloat16; it supports float32, float16"):
-                load(half_checkpoints[storage], dtype="bfloat16")
+            model, processor = load(half_checkpoints[storage], dtype=compute)
+            inputs = processor(images=images, text=texts, padding=True)
+            logits = model(**inputs).logits.asnumpy()
+            tokens = model.generate(**inputs, max_new_tokens=6)
+        what = f"{storage} weights, {compute} compute ({mode})"
+        assert_close(logits[mask], expected[mask], (storage, compute), what)
+        assert tokens.tolist() == expected_tokens.tolist(), what
+    with pytest.raises(ValueError, match="CPU cannot compute in bfloat16; it supports float32, float16"):
+        load(half_checkpoints["bfloat16"], dtype="bfloat16")
 
 
 def _with_parameters(ref, cast):

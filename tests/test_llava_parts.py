@@ -317,6 +317,13 @@ def test_tokenizer_config_errors(tokenizer_dirs, tmp_path):
     (dst / "tokenizer_config.json").write_text(json.dumps({**config, "extra_special_tokens": {"x": "<video>"}}))
     with pytest.raises(TokenizerError, match="<video>"):
         LlamaTokenizer.from_pretrained(str(dst))
+    (dst / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "middle"}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json padding_side 'middle': expected 'left' or 'right'"):
+        LlamaTokenizer.from_pretrained(str(dst))
+    (dst / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "padding_side"}))
+    # without the key: left, as the LlamaTokenizerFast AutoTokenizer loads
+    assert LlamaTokenizer.from_pretrained(str(dst)).padding_side == transformers.AutoTokenizer.from_pretrained(
+        str(dst)).padding_side == "left"
 
 
 @pytest.mark.parametrize("strategy,variant", [("default", "llava-hf"), ("full", "llava-hf"),

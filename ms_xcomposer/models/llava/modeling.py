@@ -175,13 +175,16 @@ class LlavaForConditionalGeneration(CausalLM):
 
         ids = _ids(input_ids)
         mask = np.ones_like(ids) if attention_mask is None else _as_numpy(attention_mask)
+        mask = mask[None] if mask.ndim == 1 else mask  # a lone prompt's mask, as input_ids may be
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {list(mask.shape)} differs from input_ids {list(ids.shape)}")
         starts = (mask_positions(mask, ids.shape[1], left_only=True) < 0).sum(axis=1)
         cfg = (generation_config or getattr(self, "generation_config", None) or GenerationConfig()).updated(**kwargs)
         embeds = self.get_inputs_embeds(ids, pixel_values)
         rows = [PreparedInputs(embeds[b:b + 1, int(start):], {}, ids[b].tolist()) for b, start in enumerate(starts)]
-        if cfg.num_beams > 1 or len(rows) == 1:  # alone: generation.generate names a non-finite stage
+        # beam search is not batched (its rows are independent in transformers too); a lone row runs through
+        # generation.generate, which names the stage of a non-finite output
+        if cfg.num_beams > 1 or len(rows) == 1:
             new = [generate(self, r.inputs_embeds, cfg, prompt_ids=r.penalty_ids).ids for r in rows]
         else:
             batch_rows = [Row(r, cfg) for r in rows]
