@@ -290,6 +290,37 @@ def row_positions(llm: LLMConfig, positions, batch: int, seq: int
     return slots, cos, sin, ends
 
 
+def mask_positions(attention_mask, seq: int, past: int = 0, left_only: bool = False) -> np.ndarray:
+    """int64 [B, seq]: the positions (see `row_positions`) of the last `seq` tokens under transformers'
+    `attention_mask` [B, W] (1 real, 0 padding; W covers the `past` cached tokens and the new ones): each real
+    token's position is the number of real tokens before it in its row (transformers' generate: cumsum - 1),
+    padding -1.
+
+    Each row's real tokens must be one run (left or right padding; `left_only`: left padding only, as generation
+    needs): for a run, these positions differ from transformers' forward ones (0..W-1) by one shift per row,
+    which RoPE's relative attention does not see, so the logits of real tokens are the same.
+    """
+    mask = np.asarray(attention_mask)
+    if mask.ndim == 1:
+        mask = mask[None]
+    if mask.ndim != 2 or not np.isin(mask, (0, 1)).all():
+        raise ValueError(f"attention_mask must be 0/1 of shape [batch, length], got {mask.dtype} {list(mask.shape)}")
+    if mask.shape[1] < past + seq:
+        raise ValueError(f"attention_mask has {mask.shape[1]} columns; it must cover the {past} cached and {seq} "
+                         "new tokens, as in transformers")
+    real = mask.astype(bool)
+    for row, m in enumerate(real):
+        runs = np.count_nonzero(np.diff(np.concatenate(([0], m.astype(np.int8), [0]))) == 1)
+        if runs > 1:
+            raise ValueError(f"attention_mask row {row} has padding between real tokens: only left or right "
+                             "padding is supported")
+        if left_only and runs and not m[-1]:
+            raise ValueError(f"attention_mask row {row} ends with padding: generation needs left padding "
+                             "(transformers warns that right padding gives wrong results)")
+    positions = np.cumsum(real, axis=1) - 1
+    return np.where(real, positions, -1)[:, mask.shape[1] - seq:].astype(np.int64)
+
+
 def attention_bias(slots: np.ndarray, capacity: int) -> np.ndarray:
     """[B, S, capacity] float32: 0 where a token at slot `slots[b, s]` sees cache slot k (k <= its slot), else
     MASKED (later and empty slots)."""

@@ -51,7 +51,8 @@ class GenerationConfig:
     The defaults are transformers' (greedy, no penalties) with chat-sized `max_new_tokens`. A checkpoint's
     generation_config.json overrides them (`from_pretrained`, as transformers does), and arguments override
     that (`updated`). `top_k` None means HF's 50 when sampling. `eos_token_id` empty: the processor's stop ids.
-    `stop`: strings that end the response (it is cut before them).
+    `stop`: strings that end the response (it is cut before them). `pad_token_id`: what transformers-style
+    batched `generate` writes after a row that stopped early (None: the first EOS, as transformers falls back).
     """
 
     max_new_tokens: int = 1024
@@ -65,6 +66,7 @@ class GenerationConfig:
     eos_token_id: Tuple[int, ...] = ()
     seed: Optional[int] = None
     stop: Tuple[str, ...] = ()
+    pad_token_id: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_id, int):

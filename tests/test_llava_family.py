@@ -2,8 +2,8 @@
 
 Tiny random llava-hf checkpoints written by transformers (`helpers_llava`), in both key layouts, are converted,
 loaded and run in PyNative and GRAPH: processor outputs equal, logits allclose (fp32 tolerance of the project's
-table), greedy and beam-search tokens identical, chat / stream_chat / the CLI equal to transformers' greedy
-answer. Configs: GQA + feature layer -2 + "default" + untied head (published layout); MHA + feature layer -1 +
+table), greedy and beam-search tokens identical (one prompt, and padded batches of mixed lengths with and without
+images), chat / stream_chat / batch_chat / the CLI equal to transformers' greedy answer. Configs: GQA + feature layer -2 + "default" + untied head (published layout); MHA + feature layer -1 +
 "full" + tied head (module layout). Judges: transformers' model and processor, the source tensors (verify).
 """
 import json
@@ -22,9 +22,9 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from conftest import mindspore_mode  # noqa: E402
 from helpers_llava import IMAGE_SIZE, SPM_VOCAB, tiny_llava_config, write_tiny_llava  # noqa: E402
-from ms_xcomposer import chat, load, stream_chat  # noqa: E402
+from ms_xcomposer import batch_chat, chat, load, stream_chat  # noqa: E402
 from ms_xcomposer.config import ConfigError  # noqa: E402
-from ms_xcomposer.conversation import OptionError  # noqa: E402
+from ms_xcomposer.conversation import OptionError, batch_chat_with_ids, chat_with_ids, image_list  # noqa: E402
 from ms_xcomposer.conversion.convert import convert, export_hf, verify  # noqa: E402
 from ms_xcomposer.conversion.keymap import plan_hf_to_ms  # noqa: E402
 from ms_xcomposer.families import family_named  # noqa: E402
@@ -121,16 +121,151 @@ def test_two_images_and_a_batch_without_padding(checkpoints):
         assert_close(model(**inputs).logits, expected, FP32, f"LLaVA logits {text}")
 
 
+BATCH_TEXTS = ["USER: <image>\nWhat is in the picture? ASSISTANT:", "USER: Hi ASSISTANT:", "USER: <image>\nA ASSISTANT:"]
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_padded_batch_equals_transformers(checkpoints, mode):
+    """A left-padded batch of mixed lengths, with and without images (the processor's padding=True): the
+    processor's outputs, the logits at the real positions (left and right padding), one cached step after the
+    prompt, greedy tokens (a row stopping early at an EOS, the others running on, the stopped row filled with the
+    pad id) and beam-search tokens all equal transformers' on the same padded batch."""
+    ref, hf_processor, _, ms_dir = checkpoints["gqa-layer-2-default-untied-published"]
+    images = [_image(11), _image(12, (300, 60))]
+    expected_inputs = hf_processor(images=images, text=BATCH_TEXTS, return_tensors="pt", padding=True)
+    mask = expected_inputs["attention_mask"].numpy().astype(bool)
+    assert len(set(mask.sum(axis=1))) == 3  # three prompt lengths: two rows padded
+    right_processor = transformers.LlavaProcessor(image_processor=hf_processor.image_processor,
+                                                  tokenizer=hf_processor.tokenizer, patch_size=14,
+                                                  vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    right_processor.image_token_id = hf_processor.image_token_id
+    right_inputs = right_processor(images=images, text=BATCH_TEXTS, return_tensors="pt", padding=True,
+                                   padding_side="right")
+    text_inputs = hf_processor(text=["USER: Hello there, how are you ASSISTANT:", "USER: Hi ASSISTANT:"],
+                               return_tensors="pt", padding=True)
+    with torch.no_grad():
+        first = ref(**expected_inputs, use_cache=True)
+        step_token = first.logits[:, -1].argmax(-1, keepdim=True)
+        step_mask = torch.cat([expected_inputs["attention_mask"], torch.ones_like(step_token)], 1)
+        expected_step = ref(input_ids=step_token, attention_mask=step_mask, past_key_values=first.past_key_values,
+                            use_cache=True).logits
+        expected_right = ref(**right_inputs).logits
+    greedy = _hf_generate(ref, expected_inputs, max_new_tokens=8)
+    eos = int(greedy[0, mask.shape[1] + 2])  # what row 0 generates third: it stops there, the others run on
+    expected_greedy = _hf_generate(ref, expected_inputs, max_new_tokens=8, eos_token_id=eos)
+    assert (expected_greedy[0, mask.shape[1] + 3:] == ref.generation_config.pad_token_id).all()
+    assert (expected_greedy[1:, mask.shape[1] + 3:] != ref.generation_config.pad_token_id).any()
+    expected_beams = _hf_generate(ref, expected_inputs, max_new_tokens=6, num_beams=3)
+    expected_text = _hf_generate(ref, text_inputs, max_new_tokens=6)
+
+    with mindspore_mode(mode):
+        model, processor = load(ms_dir)
+        inputs = processor(images=images, text=BATCH_TEXTS, padding=True)
+        for key in ("input_ids", "attention_mask", "pixel_values"):
+            np.testing.assert_array_equal(inputs[key], expected_inputs[key].numpy(), err_msg=key)
+        out = model(**inputs, use_cache=True)
+        step = model(input_ids=step_token.numpy(), attention_mask=step_mask.numpy(),
+                     past_key_values=out.past_key_values).logits
+        right_ours = processor(images=images, text=BATCH_TEXTS, padding=True, padding_side="right")
+        for key in ("input_ids", "attention_mask"):
+            np.testing.assert_array_equal(right_ours[key], right_inputs[key].numpy(), err_msg=f"right {key}")
+        right = model(**right_ours).logits
+        greedy_ids = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=eos)
+        beam_ids = model.generate(**inputs, max_new_tokens=6, num_beams=3)
+        text_ids = model.generate(**processor(text=["USER: Hello there, how are you ASSISTANT:",
+                                                    "USER: Hi ASSISTANT:"], padding=True), max_new_tokens=6)
+    with torch.no_grad():
+        expected = ref(**expected_inputs).logits.numpy()
+    assert_close(out.logits.asnumpy()[mask], expected[mask], FP32, f"padded LLaVA logits ({mode})")
+    assert_close(step, expected_step, FP32, f"cached step after a padded prompt ({mode})")
+    right_mask = right_inputs["attention_mask"].numpy().astype(bool)
+    assert_close(right.asnumpy()[right_mask], expected_right.numpy()[right_mask], FP32, f"right-padded ({mode})")
+    assert greedy_ids.tolist() == expected_greedy.tolist()
+    assert beam_ids.tolist() == expected_beams.tolist()
+    assert text_ids.tolist() == expected_text.tolist()
+
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def half_checkpoints(checkpoints, tmp_path_factory):
+    """{storage dtype: converted dir} of the GQA case converted to float16 and bfloat16."""
+    _, _, hf, _ = checkpoints["gqa-layer-2-default-untied-published"]
+    root = tmp_path_factory.mktemp("llava-half")
+    out = {}
+    for dtype in TORCH_DTYPES:
+        out[dtype] = str(root / dtype)
+        convert(hf, out[dtype], dtype=dtype)
+    return out
+
+
+# (storage, compute) pairs per mode. GRAPH compiles per loaded model, so it runs the two whose graphs differ from
+# the fp32 ones (fp16 weights cast in the graph; fp16 activations): bf16 weights are converted once at load, to
+# float32 (its graphs are the fp32 model's) or to float16 (those of fp16 weights in fp16 compute).
+HALF_CASES = {"pynative": [("float16", "float32"), ("float16", "float16"), ("bfloat16", "float32"),
+                           ("bfloat16", "float16")],
+              "graph": [("float16", "float32"), ("float16", "float16")]}
+
+
+@pytest.mark.parametrize("mode", sorted(HALF_CASES))
+def test_half_precision_storage_and_compute(checkpoints, half_checkpoints, mode):
+    """fp16 / bf16 checkpoints (converted with dtype=...), computed in float32 and in float16, on a padded batch:
+    logits at the real positions within the table's (storage, compute) row of transformers in float32 on the same
+    rounded weights (the table's reference); greedy tokens those of transformers on the rounded weights in float32
+    (fp32 compute), or run in float16 itself (fp16 compute). bf16 compute is refused on CPU (no MatMul kernel)."""
+    ref, hf_processor, _, _ = checkpoints["gqa-layer-2-default-untied-published"]
+    images = [_image(17)]
+    texts = BATCH_TEXTS[:2]
+    expected_inputs = hf_processor(images=images, text=texts, return_tensors="pt", padding=True)
+    half_inputs = {k: v.half() if v.is_floating_point() else v for k, v in expected_inputs.items()}
+    mask = expected_inputs["attention_mask"].numpy().astype(bool)
+    for storage, compute in HALF_CASES[mode]:
+        rounded = _with_parameters(ref, lambda p: p.to(TORCH_DTYPES[storage]).float())
+        with torch.no_grad():
+            expected = rounded(**expected_inputs).logits.numpy()
+        expected_tokens = (_hf_generate(rounded, expected_inputs, max_new_tokens=6) if compute == "float32" else
+                           _hf_generate(_with_parameters(rounded, lambda p: p.half()), half_inputs, max_new_tokens=6))
+        with mindspore_mode(mode):
+            model, processor = load(half_checkpoints[storage], dtype=compute)
+            inputs = processor(images=images, text=texts, padding=True)
+            logits = model(**inputs).logits.asnumpy()
+            tokens = model.generate(**inputs, max_new_tokens=6)
+        what = f"{storage} weights, {compute} compute ({mode})"
+        assert_close(logits[mask], expected[mask], (storage, compute), what)
+        assert tokens.tolist() == expected_tokens.tolist(), what
+    with pytest.raises(ValueError, match="CPU cannot compute in bfloat16; it supports float32, float16"):
+        load(half_checkpoints["bfloat16"], dtype="bfloat16")
+
+
+def _with_parameters(ref, cast):
+    """A copy of the transformers model with every parameter cast (buffers such as RoPE's inv_freq stay float32,
+    as `from_pretrained(dtype=...)` keeps them: `model.to(dtype)` would round them too and move the reference)."""
+    import copy
+
+    out = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.data = cast(p.data)
+    return out
+
+
 def test_bad_inputs_are_refused(checkpoints):
     _, _, _, ms_dir = checkpoints["gqa-layer-2-default-untied-published"]
     model, processor = load(ms_dir)
     inputs = processor(images=_image(1), text=PROMPT)
     with pytest.raises(ValueError, match="Image features and image tokens do not match: 16 image tokens"):
         model(input_ids=inputs["input_ids"], pixel_values=np.concatenate([inputs["pixel_values"]] * 2))
-    with pytest.raises(ValueError, match="padding"):
-        model(**{**inputs, "attention_mask": np.concatenate([[[0]], inputs["attention_mask"][:, 1:]], axis=1)})
-    with pytest.raises(ValueError, match="batch 1"):
-        model.generate(input_ids=np.concatenate([inputs["input_ids"]] * 2), max_new_tokens=2)
+    holed = inputs["attention_mask"].copy()
+    holed[0, 3] = 0
+    with pytest.raises(ValueError, match="attention_mask row 0 has padding between real tokens"):
+        model(**{**inputs, "attention_mask": holed})
+    right = processor(text=["USER: Hello there ASSISTANT:", "USER: Hi ASSISTANT:"], padding=True)
+    right["attention_mask"] = right["attention_mask"][:, ::-1].copy()
+    with pytest.raises(ValueError, match="attention_mask row 1 ends with padding: generation needs left padding"):
+        model.generate(**right, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"attention_mask shape \[1, 3\] differs from input_ids \[2, "):
+        model.generate(input_ids=right["input_ids"], attention_mask=np.ones((1, 3), np.int64), max_new_tokens=2)
     with pytest.raises(ValueError, match=f"pixel_values must be float \\[N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}\\]"):
         model(input_ids=inputs["input_ids"], pixel_values=np.zeros((1, 3, 28, 28), np.float32))
     with pytest.raises(ValueError, match="1 <image> token"):
@@ -156,6 +291,26 @@ def test_chat_is_transformers_greedy_answer(checkpoints, case):
     second, _ = chat(model, processor, "And the colours?", images=[image], history=history, max_new_tokens=5)
     text = f"USER: <image>\n{QUERY} ASSISTANT: {response} USER: And the colours? ASSISTANT:"
     assert second == _hf_answer(ref, hf_processor, image, text, 5)
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_batch_chat_rows_equal_chat_alone(checkpoints, mode):
+    """batch_chat on prompts of mixed lengths, with one image, none, and two images placed by the template: each
+    row's tokens are those of the same query alone (`chat`), which is transformers' greedy answer."""
+    ref, hf_processor, _, ms_dir = checkpoints["mha-layer-1-full-tied-modules"]
+    queries = [QUERY, "Hi", "Describe both, in detail please.", "A"]
+    images = [[_image(13)], None, [_image(14), _image(15, (40, 200))], _image(16)]
+    with mindspore_mode(mode):
+        model, processor = load(ms_dir)
+        batched = batch_chat_with_ids(model, processor, queries, images, max_new_tokens=6)
+        alone = [chat_with_ids(model, processor, q, i, max_new_tokens=6) for q, i in zip(queries, images)]
+        assert batch_chat(model, processor, queries[:2], images[:2], max_new_tokens=6) == [
+            (r.response, r.history) for r in alone[:2]]
+        lengths = {int(processor.prepare(model, q, image_list(i)).inputs_embeds.shape[1])
+                   for q, i in zip(queries, images)}
+    assert len(lengths) == 4  # four prompt lengths: the batch is padded
+    assert [r.ids for r in batched] == [r.ids for r in alone]
+    assert alone[0].response == _hf_answer(ref, hf_processor, images[0][0], PROMPT, 6)
 
 
 # ---- conversion ------------------------------------------------------------------------------------------------

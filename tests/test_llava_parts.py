@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from ms_xcomposer.config import LLMConfig  # noqa: E402
-from ms_xcomposer.engine import attention_bias, row_positions  # noqa: E402
+from ms_xcomposer.engine import attention_bias, mask_positions, row_positions  # noqa: E402
 from ms_xcomposer.models.layers import Linear  # noqa: E402
 from ms_xcomposer.models.llama import LlamaModel  # noqa: E402
 from ms_xcomposer.config import ConfigError  # noqa: E402
@@ -116,6 +116,28 @@ def _run(step, embed, cfg, ids, start, k_caches, v_caches):
     mask = ms.Tensor(np.zeros(ids.shape + (1,), np.float32))
     return step(embeds, mask, ms.Tensor(cos), ms.Tensor(sin), ms.Tensor(slots), ms.Tensor(bias),
                 ms.mutable(tuple(k_caches)), ms.mutable(tuple(v_caches)))
+
+
+def test_mask_positions_are_transformers_generate_positions():
+    """Real tokens take the positions transformers' generate derives from the mask (cumsum - 1), padding -1; with
+    `past`, the last columns only (a cached step); padding between real tokens, and right padding for generation,
+    are refused with the row named."""
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+    expected = torch.tensor(mask).cumsum(-1) - 1  # transformers' prepare_inputs_for_generation
+    got = mask_positions(mask, 6, left_only=True)
+    np.testing.assert_array_equal(got[mask == 1], expected.numpy()[mask == 1])
+    assert (got[mask == 0] == -1).all()
+    np.testing.assert_array_equal(mask_positions(mask, 2, past=4), expected.numpy()[:, 4:])
+    right = mask[:, ::-1]
+    np.testing.assert_array_equal(mask_positions(right, 6)[right == 1], (np.cumsum(right, 1) - 1)[right == 1])
+    with pytest.raises(ValueError, match="row 0 ends with padding: generation needs left padding"):
+        mask_positions(right, 6, left_only=True)
+    with pytest.raises(ValueError, match="row 1 has padding between real tokens"):
+        mask_positions(np.array([[1, 1, 1], [1, 0, 1]]), 3)
+    with pytest.raises(ValueError, match="it must cover the 5 cached and 2 new tokens"):
+        mask_positions(mask, 2, past=5)
+    with pytest.raises(ValueError, match=r"attention_mask must be 0/1 of shape \[batch, length\]"):
+        mask_positions(mask * 2, 6)
 
 
 @pytest.fixture(scope="module", params=sorted(LLAMA_CONFIGS))
@@ -295,6 +317,13 @@ def test_tokenizer_config_errors(tokenizer_dirs, tmp_path):
     (dst / "tokenizer_config.json").write_text(json.dumps({**config, "extra_special_tokens": {"x": "<video>"}}))
     with pytest.raises(TokenizerError, match="<video>"):
         LlamaTokenizer.from_pretrained(str(dst))
+    (dst / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "middle"}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json padding_side 'middle': expected 'left' or 'right'"):
+        LlamaTokenizer.from_pretrained(str(dst))
+    (dst / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "padding_side"}))
+    # without the key: left, as the LlamaTokenizerFast AutoTokenizer loads
+    assert LlamaTokenizer.from_pretrained(str(dst)).padding_side == transformers.AutoTokenizer.from_pretrained(
+        str(dst)).padding_side == "left"
 
 
 @pytest.mark.parametrize("strategy,variant", [("default", "llava-hf"), ("full", "llava-hf"),
@@ -389,6 +418,21 @@ def test_config_errors_name_file_and_field(tmp_path, patch, needle):
     with pytest.raises(ConfigError, match=needle) as err:
         LlavaConfig.from_file(str(tmp_path))
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "config file {} does not exist"),
+    ("{not json", "config file {} is not valid JSON"),
+    ("[1, 2]", "config file {} does not hold a JSON object"),
+])
+def test_config_file_errors_name_the_file(tmp_path, content, needle):
+    """A missing, malformed or non-object config.json: one line naming the file and the problem."""
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        LlavaConfig.from_file(str(tmp_path))
+    assert needle.format(path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_tied_head_follows_text_config():

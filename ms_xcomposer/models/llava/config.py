@@ -18,7 +18,6 @@ dict carry. The MindSpore names are the published ones, so exporting back to the
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
@@ -182,17 +181,13 @@ class LlavaConfig:
 
     @classmethod
     def from_file(cls, path: str) -> "LlavaConfig":
-        """From `path` (a config.json, or a directory holding one)."""
+        """From `path` (a config.json, or a directory holding one). ConfigError names the file when it is missing,
+        not JSON or not an object (`readers.read_json`), and the file and field when a field is unsupported."""
+        from ms_xcomposer.conversion.readers import read_json
+
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path} not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf(data, where=path)
+        return cls.from_hf(read_json(path, "config", ConfigError), where=path)
 
 
 def _section(hf_config: Mapping[str, object], key: str, where: str) -> Dict[str, object]:

@@ -11,19 +11,18 @@ The image side's compiled piece is `_ImageFeatures`: tower up to the feature lay
 per number of images.
 
 The transformers-style API: `from_pretrained`, `model(input_ids=..., pixel_values=..., attention_mask=...)` ->
-logits, `generate(input_ids=..., pixel_values=..., max_new_tokens=..., do_sample=False)` -> prompt + new ids.
-Batch 1 for `generate`; `model(...)` takes a batch without padding (attention_mask all ones): padded batches need
-per-row positions in the engine, which it does not have yet.
+logits, `generate(input_ids=..., pixel_values=..., attention_mask=..., max_new_tokens=..., do_sample=False)` ->
+prompt + new ids; batches padded as the processor pads them (left), each row computed at its own positions.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ms_xcomposer.engine import CausalLM, CausalLMOutput, GraphPiece
+from ms_xcomposer.engine import CausalLM, CausalLMOutput, GraphPiece, mask_positions
 from ms_xcomposer.models.clip import CLIPVisionModel
 from ms_xcomposer.models.layers import Linear, linear
 from ms_xcomposer.models.projector import MLPProjector
@@ -138,33 +137,73 @@ class LlavaForConditionalGeneration(CausalLM):
 
     # ---- the transformers-style API --------------------------------------------------------------------
     def __call__(self, input_ids=None, inputs_embeds=None, pixel_values=None, attention_mask=None,
-                 **kwargs) -> CausalLMOutput:
+                 past_key_values=None, positions=None, **kwargs) -> CausalLMOutput:
         """The engine's call (see `CausalLM.__call__`), plus transformers' `pixel_values` (image features spliced
-        into the embeddings of `input_ids`) and `attention_mask` (all ones only: no padding)."""
-        _check_no_padding(attention_mask)
+        into the embeddings of `input_ids`) and `attention_mask` [B, past + S] (0 = padding; left or right padding,
+        see `engine.mask_positions`): each row's logits are those of its tokens alone, as transformers' at the
+        real positions (the logits at padded positions mean nothing, there as here)."""
+        if attention_mask is not None:
+            if positions is not None:
+                raise ValueError("pass attention_mask or positions, not both")
+            seq = _ids(input_ids).shape[1] if input_ids is not None else int(inputs_embeds.shape[1])
+            past = past_key_values.length if past_key_values is not None else 0
+            positions = mask_positions(_as_numpy(attention_mask), seq, past)
         if pixel_values is not None:
             if input_ids is None:
                 raise ValueError("pixel_values need input_ids (with the image tokens)")
             input_ids, inputs_embeds = None, self.get_inputs_embeds(input_ids, pixel_values)
-        return super().__call__(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return super().__call__(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+                                positions=positions, **kwargs)
 
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, generation_config=None,
                  **kwargs) -> np.ndarray:
-        """transformers' `generate` for one prompt: int64 [1, S + new], the prompt ids followed by the new ids.
+        """transformers' `generate`: int64 [B, S + new], each row's prompt ids (padding included) followed by its
+        new ids, rows that stopped early filled with the pad id (`pad_token_id` of the generation config, else
+        the first EOS), as transformers does.
 
-        kwargs: `GenerationConfig` fields (max_new_tokens, do_sample, num_beams, ...) over `generation_config`
-        (default: the checkpoint's generation_config.json). Batch 1 only.
+        A batch is left-padded (`attention_mask` 0 = padding, the processor's `padding=True`); each row's tokens
+        are those of its prompt alone (positions counted from its first real token, as transformers derives
+        them from the mask). Greedy / sampled rows decode together in one batch (`batching.DecodeBatch`); beam
+        search runs row after row, as transformers' rows are independent. kwargs: `GenerationConfig` fields
+        (max_new_tokens, do_sample, num_beams, ...) over `generation_config` (default: the checkpoint's
+        generation_config.json). The repetition penalty counts each row's ids, padding included, as
+        transformers' `input_ids` do.
         """
+        from ms_xcomposer.batching import DecodeBatch, Row
+        from ms_xcomposer.conversation import PreparedInputs
         from ms_xcomposer.generation import GenerationConfig, generate
 
         ids = _ids(input_ids)
-        if ids.shape[0] != 1:
-            raise ValueError(f"generate takes one prompt (batch 1), got batch {ids.shape[0]}: batched generation "
-                             "with left padding is not supported yet")
-        _check_no_padding(attention_mask)
+        mask = np.ones_like(ids) if attention_mask is None else _as_numpy(attention_mask)
+        mask = mask[None] if mask.ndim == 1 else mask  # a lone prompt's mask, as input_ids may be
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {list(mask.shape)} differs from input_ids {list(ids.shape)}")
+        starts = (mask_positions(mask, ids.shape[1], left_only=True) < 0).sum(axis=1)
         cfg = (generation_config or getattr(self, "generation_config", None) or GenerationConfig()).updated(**kwargs)
-        out = generate(self, self.get_inputs_embeds(ids, pixel_values), cfg, prompt_ids=ids[0].tolist())
-        return np.concatenate([ids.astype(np.int64), np.asarray([out.ids], np.int64)], axis=1)
+        embeds = self.get_inputs_embeds(ids, pixel_values)
+        rows = [PreparedInputs(embeds[b:b + 1, int(start):], {}, ids[b].tolist()) for b, start in enumerate(starts)]
+        # beam search is not batched (its rows are independent in transformers too); a lone row runs through
+        # generation.generate, which names the stage of a non-finite output
+        if cfg.num_beams > 1 or len(rows) == 1:
+            new = [generate(self, r.inputs_embeds, cfg, prompt_ids=r.penalty_ids).ids for r in rows]
+        else:
+            batch_rows = [Row(r, cfg) for r in rows]
+            batch = DecodeBatch(self)
+            batch.join(batch_rows)
+            while len(batch):
+                batch.step()
+            for row in batch_rows:
+                if row.error is not None:
+                    raise row.error
+            new = [row.output.ids for row in batch_rows]
+        # without an EOS every row runs to max_new_tokens and nothing is filled
+        fill = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
+        width = max(len(n) for n in new)
+        out = np.full((ids.shape[0], ids.shape[1] + width), fill, np.int64)
+        out[:, :ids.shape[1]] = ids
+        for b, n in enumerate(new):
+            out[b, ids.shape[1]:ids.shape[1] + len(n)] = n
+        return out
 
 
 def _runs(mask: np.ndarray):
@@ -189,9 +228,3 @@ def _ids(input_ids) -> np.ndarray:
     if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be integer [B, S] with S > 0, got {ids.dtype} {list(ids.shape)}")
     return ids.astype(np.int32)
-
-
-def _check_no_padding(attention_mask: Optional[object]) -> None:
-    if attention_mask is not None and not (_as_numpy(attention_mask) == 1).all():
-        raise ValueError("attention_mask has zeros (padding): padded batches are not supported yet; pass one prompt "
-                         "or prompts of equal length without padding")

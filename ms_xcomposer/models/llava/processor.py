@@ -4,8 +4,8 @@ this project's processor protocol (a chat turn -> the model's prefill; generated
 - `processor(images=..., text=...)`: each "<image>" of the text expanded to the image's feature count, tokenized
   by the checkpoint's LLaMA tokenizer (BOS first), the images preprocessed as `CLIPImageProcessor` does; numpy
   arrays (`return_tensors="np"`, the default; "ms" for MindSpore tensors, "pt" for torch). Several texts of
-  different lengths need `padding=True` (left padding with the tokenizer's pad token, as llava-hf's
-  tokenizer_config.json says), but the model runs padded batches only once the engine has per-row positions.
+  different lengths need `padding=True`: padded with the tokenizer's pad token on the tokenizer's side
+  (tokenizer_config.json's `padding_side`, llava-hf: left) or `padding_side`'s, as transformers does.
 - `prepare(model, query, images, history, **options)`: the llava-hf chat template ("USER: <image>\\n{query}
   ASSISTANT:", earlier turns before it, `prompt.conversation_text`), its ids, and the embeddings with the image
   features spliced in (`model.get_inputs_embeds`). Images: a lone image, or several, with no "<image>" in the
@@ -61,7 +61,7 @@ class LlavaProcessor:
     stop_text = None  # generation stops at the EOS id; decoded text never holds "</s>"
 
     def __init__(self, tokenizer: LlamaTokenizer, config: LlavaConfig,
-                 image_processor: Optional[LlavaImageProcessor] = None, padding_side: str = "left"):
+                 image_processor: Optional[LlavaImageProcessor] = None):
         self.tokenizer, self.config = tokenizer, config
         size = config.vision.image_size
         self.image_processor = image_processor or LlavaImageProcessor(size, (size, size))
@@ -72,9 +72,6 @@ class LlavaProcessor:
         if image_id != config.image_token_index:
             raise ConfigError(f"the tokenizer's {IMAGE_TOKEN} is id {image_id}, the config's image_token_index is "
                               f"{config.image_token_index}")
-        if padding_side not in ("left", "right"):
-            raise ConfigError(f"padding_side {padding_side!r}: expected 'left' or 'right'")
-        self.padding_side = padding_side
         self.image_tokens = config.image_tokens
         self.eos_token_ids: Tuple[int, ...] = (tokenizer.eos_token_id,)
 
@@ -90,14 +87,15 @@ class LlavaProcessor:
         images = (LlavaImageProcessor.from_pretrained(path)
                   if os.path.isfile(os.path.join(path, PREPROCESSOR_CONFIG)) else None)
         tokenizer = LlamaTokenizer.from_pretrained(path)
-        return cls(tokenizer, config, images, _padding_side(path))
+        return cls(tokenizer, config, images)
 
     # ---- transformers' LlavaProcessor ------------------------------------------------------------------
     def __call__(self, images: Union[None, ImageInput, Sequence[ImageInput]] = None,
                  text: Union[None, str, Sequence[str]] = None, return_tensors: Optional[str] = None,
-                 padding: Union[bool, str] = False) -> Dict[str, object]:
+                 padding: Union[bool, str] = False, padding_side: Optional[str] = None) -> Dict[str, object]:
         """{"input_ids" int64 [B, S], "attention_mask" int64 [B, S], "pixel_values" float32 [N, 3, H, W] (with
-        images)}: each text's "<image>" expanded, the images in order across the texts."""
+        images)}: each text's "<image>" expanded, the images in order across the texts. Texts of different
+        lengths need `padding=True`; `padding_side` ("left"/"right") overrides the tokenizer's."""
         if text is None:
             raise PromptError("LlavaProcessor needs text (with one <image> per image)")
         texts = [text] if isinstance(text, str) else list(text)
@@ -113,11 +111,14 @@ class LlavaProcessor:
         width = max(len(r) for r in rows)
         if any(len(r) != width for r in rows) and padding in (False, "do_not_pad"):
             raise PromptError("texts of different lengths need padding=True")
+        side = self.tokenizer.padding_side if padding_side is None else padding_side
+        if side not in ("left", "right"):
+            raise PromptError(f"padding_side {side!r}: expected 'left' or 'right'")
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         ids = np.full((len(rows), width), pad, np.int64)
         mask = np.zeros((len(rows), width), np.int64)
         for i, r in enumerate(rows):
-            cols = slice(width - len(r), width) if self.padding_side == "left" else slice(0, len(r))
+            cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
             ids[i, cols], mask[i, cols] = r, 1
         out: Dict[str, object] = {"input_ids": ids, "attention_mask": mask}
         if image_list:
@@ -156,17 +157,6 @@ class LlavaProcessor:
     def decode(self, ids: Sequence[int]) -> str:
         """The response text: the ids decoded without special tokens."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-def _padding_side(path: str) -> str:
-    import json
-
-    file = os.path.join(path, "tokenizer_config.json")
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f).get("padding_side", "left")
-    except (OSError, ValueError):
-        return "left"  # the tokenizer reports a broken file itself
 
 
 def _tensor(x: np.ndarray, return_tensors: Optional[str]):

@@ -11,6 +11,8 @@ and joined with spaces). What LLaMA changes, as transformers 4.57's `LlamaTokeni
   is encoded as `unk_token + piece` with the unk pieces cut off, so no prefix is invented after an added token;
   a lone leading "▁" before a special token is dropped.
 - BOS (`add_bos_token`, default true) and EOS (`add_eos_token`, default false) around the ids.
+- `padding_side` (tokenizer_config.json; llava-hf's: left): where the processor pads a batch. Without it, left,
+  as the LlamaTokenizerFast that AutoTokenizer / AutoProcessor load (the slow class would pad right).
 - Decoding: transformers' `LlamaTokenizer.convert_tokens_to_string` (the first piece loses its "▁" when
   add_prefix_space; special tokens are written literally, preceded by a space only in legacy mode) and
   `clean_up_tokenization` only when `clean_up_tokenization_spaces` is true (false for llava-hf). Added tokens that
@@ -37,11 +39,15 @@ class LlamaTokenizer(InternLM2Tokenizer):
                  eos_token: str = "</s>", unk_token: str = "<unk>", pad_token: Optional[str] = None,
                  additional_special_tokens: Sequence[str] = (), add_bos_token: bool = True, *,
                  extra_special_tokens: Sequence[str] = (), add_eos_token: bool = False, legacy: bool = True,
-                 add_prefix_space: bool = True, clean_up_tokenization_spaces: bool = False) -> None:
+                 add_prefix_space: bool = True, clean_up_tokenization_spaces: bool = False,
+                 padding_side: str = "left") -> None:
         super().__init__(vocab_file, added_tokens, bos_token, eos_token, unk_token, pad_token,
                          additional_special_tokens, add_bos_token)
         self.add_eos_token, self.legacy, self.add_prefix_space = add_eos_token, legacy, add_prefix_space
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        if padding_side not in ("left", "right"):
+            raise TokenizerError(f"padding_side {padding_side!r}: expected 'left' or 'right'")
+        self.padding_side = padding_side
         for tok in extra_special_tokens:
             if tok not in self._added:
                 raise TokenizerError(f"extra special token {tok!r} is not an added token of {vocab_file!r}")
@@ -68,7 +74,10 @@ class LlamaTokenizer(InternLM2Tokenizer):
             if value is not None and not isinstance(value, bool):
                 raise TokenizerError(f"{path}: tokenizer_config.json {key} should be true or false, got {value!r}")
             flags[key] = default if value is None else value
-        return cls(vocab_file, added_tokens=list(added.values()),
+        side = config.get("padding_side", "left")
+        if side not in ("left", "right"):
+            raise TokenizerError(f"{path}: tokenizer_config.json padding_side {side!r}: expected 'left' or 'right'")
+        return cls(vocab_file, added_tokens=list(added.values()), padding_side=side,
                    extra_special_tokens=list(extra.values() if isinstance(extra, Mapping) else extra),
                    **flags, **kwargs)
 
