@@ -28,13 +28,9 @@ from mindspore import Tensor, nn, ops
 
 from ..bicubic import bicubic_matrix
 from ..config import VisionConfig
-from .layers import MLP, LayerNorm, Linear, QuickGELU, linear, zeros_param
+from .layers import MLP, LayerNorm, Linear, QuickGELU, cast_to, linear, zeros_param
 
 PosResize = Tuple[Tensor, Tensor]
-
-
-def _as(t, dtype):
-    return t if t.dtype == dtype else ops.cast(t, dtype)
 
 
 class PatchEmbedding(nn.Cell):
@@ -57,8 +53,36 @@ class PatchEmbedding(nn.Cell):
         if h != gh * p or w != gw * p:
             x = x[:, :, : gh * p, : gw * p]
         x = x.reshape(b, c, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)
-        k = _as(self.weight, x.dtype)  # cast before reshaping: CPU has no bf16 Reshape kernel
+        k = cast_to(self.weight, x.dtype)  # cast before reshaping: CPU has no bf16 Reshape kernel
         return linear(x, k.reshape(self.width, c * p * p))
+
+
+def resize_position_grid(table, pos_resize: Optional[PosResize] = None):
+    """The position table [1 + g*g, width] (class row first, fp32) with its g x g grid resized to gh x gw by
+    `pos_resize` = (Wh [gh, g], Ww [gw, g]); the table itself when `pos_resize` is None."""
+    if pos_resize is None:
+        return table
+    wh, ww = pos_resize
+    g = wh.shape[1]
+    width = table.shape[1]
+    grid = table[1:].reshape(g, g * width)
+    rows = ops.matmul(wh, grid).reshape(wh.shape[0], g, width)  # resize along the grid's height
+    both = ops.matmul(ww, rows)  # [gw, g] @ [gh, g, width] -> [gh, gw, width]: resize along its width
+    return ops.concat((table[:1], both.reshape(-1, width)), 0)
+
+
+def add_class_token_and_positions(patches, class_embedding, positions, pixel_shape, tower: str):
+    """[B, N, width] patches -> [B, 1 + N, width]: the class token prepended, then the positions [1 + N, width]
+    added. `tower` names the Cell whose `pos_resize` fixes a grid mismatch, for the error message."""
+    b, _, width = patches.shape
+    cls = cast_to(class_embedding, patches.dtype).reshape(1, 1, width)
+    x = ops.concat((ops.broadcast_to(cls, (b, 1, width)), patches), 1)
+    if positions.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"pixel_values {pixel_shape} give {x.shape[1] - 1} patches but the position table has "
+            f"{positions.shape[0] - 1}: pass pos_resize={tower}.pos_resize(height, width)"
+        )
+    return x + ops.cast(positions, x.dtype)
 
 
 class PositionEmbedding(nn.Cell):
@@ -70,16 +94,7 @@ class PositionEmbedding(nn.Cell):
 
     def construct(self, pos_resize: Optional[PosResize] = None):
         """The table in fp32, resized to a new patch grid when `pos_resize` = (Wh [gh, g], Ww [gw, g])."""
-        table = ops.cast(self.weight, ms.float32)
-        if pos_resize is None:
-            return table
-        wh, ww = pos_resize
-        g = wh.shape[1]
-        width = table.shape[1]
-        grid = table[1:].reshape(g, g * width)
-        rows = ops.matmul(wh, grid).reshape(wh.shape[0], g, width)  # resize along the grid's height
-        both = ops.matmul(ww, rows)  # [gw, g] @ [gh, g, width] -> [gh, gw, width]: resize along its width
-        return ops.concat((table[:1], both.reshape(-1, width)), 0)
+        return resize_position_grid(ops.cast(self.weight, ms.float32), pos_resize)
 
 
 class CLIPVisionEmbeddings(nn.Cell):
@@ -87,23 +102,13 @@ class CLIPVisionEmbeddings(nn.Cell):
 
     def __init__(self, config: VisionConfig, dtype=ms.float32):
         super().__init__()
-        self.width = config.hidden_size
         self.class_embedding = zeros_param((config.hidden_size,), dtype, "class_embedding")
         self.patch_embedding = PatchEmbedding(config.hidden_size, config.patch_size, dtype=dtype)
         self.position_embedding = PositionEmbedding(config.num_positions, config.hidden_size, dtype)
 
     def construct(self, pixel_values, pos_resize: Optional[PosResize] = None):
-        patches = self.patch_embedding(pixel_values)
-        b = patches.shape[0]
-        cls = _as(self.class_embedding, patches.dtype).reshape(1, 1, self.width)
-        x = ops.concat((ops.broadcast_to(cls, (b, 1, self.width)), patches), 1)
-        pos = self.position_embedding(pos_resize)
-        if pos.shape[0] != x.shape[1]:
-            raise ValueError(
-                f"pixel_values {pixel_values.shape} give {x.shape[1] - 1} patches but the position table has "
-                f"{pos.shape[0] - 1}: pass pos_resize=VisionTower.pos_resize(height, width)"
-            )
-        return x + ops.cast(pos, x.dtype)
+        return add_class_token_and_positions(self.patch_embedding(pixel_values), self.class_embedding,
+                                             self.position_embedding(pos_resize), pixel_values.shape, "VisionTower")
 
 
 class CLIPAttention(nn.Cell):

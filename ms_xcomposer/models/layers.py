@@ -17,6 +17,11 @@ _MATMUL_NT = ops.MatMul(transpose_b=True)
 _BIAS_ADD = ops.BiasAdd()  # the CPU broadcasting Add runs single-threaded; BiasAdd is the same sum, threaded
 
 
+def cast_to(t, dtype):
+    """`t` in `dtype`, without a Cast op when it already is (weights keep their stored dtype; see clip.py)."""
+    return t if t.dtype == dtype else ops.cast(t, dtype)
+
+
 def linear(x, weight, bias=None):
     """x [..., in] @ weight[out, in].T (+ bias [out]) -> [..., out], in x's dtype (weight/bias cast to it).
 

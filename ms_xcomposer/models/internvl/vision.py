@@ -32,14 +32,10 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..clip import PatchEmbedding as _BiaslessPatchEmbedding
-from ..clip import PosResize, VisionTower
+from ..clip import PosResize, VisionTower, add_class_token_and_positions, resize_position_grid
 from ..internlm2 import RMSNorm
-from ..layers import GELU, MLP, LayerNorm, Linear, zeros_param
+from ..layers import GELU, MLP, LayerNorm, Linear, cast_to, zeros_param
 from .config import InternViTConfig
-
-
-def _as(t, dtype):
-    return t if t.dtype == dtype else ops.cast(t, dtype)
 
 
 def _norm(config: InternViTConfig, dtype) -> nn.Cell:
@@ -60,7 +56,7 @@ class PatchEmbedding(_BiaslessPatchEmbedding):
     def construct(self, x):
         """x [B, 3, H, W] -> [B, (H // p) * (W // p), C], row-major over the patch grid."""
         y = super().construct(x)
-        return self.bias_add(y.reshape(-1, self.width), _as(self.bias, y.dtype)).reshape(y.shape)
+        return self.bias_add(y.reshape(-1, self.width), cast_to(self.bias, y.dtype)).reshape(y.shape)
 
 
 class InternVisionEmbeddings(nn.Cell):
@@ -69,34 +65,14 @@ class InternVisionEmbeddings(nn.Cell):
     def __init__(self, config: InternViTConfig, dtype=ms.float32):
         super().__init__()
         c = config.hidden_size
-        self.width = c
         self.class_embedding = zeros_param((1, 1, c), dtype, "class_embedding")
         self.patch_embedding = PatchEmbedding(c, config.patch_size, config.num_channels, dtype)
         self.position_embedding = zeros_param((1, config.num_positions, c), dtype, "position_embedding")
 
-    def positions(self, pos_resize: Optional[PosResize] = None):
-        """The position table [1 + N, C] in float32, its grid resized when `pos_resize` = (Wh [gh, g], Ww [gw, g])."""
-        table = ops.cast(self.position_embedding, ms.float32)[0]
-        if pos_resize is None:
-            return table
-        wh, ww = pos_resize
-        g = wh.shape[1]
-        rows = ops.matmul(wh, table[1:].reshape(g, g * self.width)).reshape(wh.shape[0], g, self.width)
-        grid = ops.matmul(ww, rows)  # [gw, g] @ [gh, g, C] -> [gh, gw, C]
-        return ops.concat((table[:1], grid.reshape(-1, self.width)), 0)
-
     def construct(self, pixel_values, pos_resize: Optional[PosResize] = None):
-        patches = self.patch_embedding(pixel_values)
-        b = patches.shape[0]
-        cls = ops.broadcast_to(_as(self.class_embedding, patches.dtype), (b, 1, self.width))
-        x = ops.concat((cls, patches), 1)
-        pos = self.positions(pos_resize)
-        if pos.shape[0] != x.shape[1]:
-            raise ValueError(
-                f"pixel_values {pixel_values.shape} give {x.shape[1] - 1} patches but the position table has "
-                f"{pos.shape[0] - 1}: pass pos_resize=InternVisionModel.pos_resize(height, width)"
-            )
-        return x + ops.cast(pos, x.dtype)
+        positions = resize_position_grid(ops.cast(self.position_embedding, ms.float32)[0], pos_resize)
+        return add_class_token_and_positions(self.patch_embedding(pixel_values), self.class_embedding, positions,
+                                             pixel_values.shape, "InternVisionModel")
 
 
 class InternAttention(nn.Cell):
@@ -130,7 +106,7 @@ class InternAttention(nn.Cell):
         q = self._split_heads(q * self.scale, b, n)
         k = self._split_heads(k, b, n)
         v = self._split_heads(v, b, n)
-        probs = _as(ops.softmax(ops.cast(self.bmm_nt(q, k), ms.float32), -1), x.dtype)
+        probs = cast_to(ops.softmax(ops.cast(self.bmm_nt(q, k), ms.float32), -1), x.dtype)
         out = self.bmm(probs, v).transpose(0, 2, 1, 3).reshape(b, n, c)
         return self.proj(out)
 
@@ -155,8 +131,8 @@ class InternVisionEncoderLayer(nn.Cell):
         self.ls2 = zeros_param((config.hidden_size,), dtype, "ls2")
 
     def construct(self, x):
-        x = x + self.attn(self.norm1(x)) * _as(self.ls1, x.dtype)
-        return x + self.mlp(self.norm2(x)) * _as(self.ls2, x.dtype)
+        x = x + self.attn(self.norm1(x)) * cast_to(self.ls1, x.dtype)
+        return x + self.mlp(self.norm2(x)) * cast_to(self.ls2, x.dtype)
 
 
 class InternVisionEncoder(nn.Cell):
