@@ -49,22 +49,18 @@ MODEL_ID = "bench"
 
 
 # ---- the full-width server (this script, run as a subprocess) ----------------------------------------------
-def serve_full_width(tokenizer_dir: str, layers: int, mode: str, max_batch: int) -> None:
-    """Build the full-width model with random weights and serve it like `ms-xcomposer serve` does."""
+def build_full_width(tokenizer_dir: str, layers: int):
+    """(model, processor): IXC-2.5's language model at full width with `layers` decoder layers, random weights,
+    the tokenizer (and vocabulary) of the checkpoint at `tokenizer_dir`, a tiny vision tower."""
     import numpy as np
-    import uvicorn
     from mindspore import Tensor
 
-    from ms_xcomposer import runtime
     from ms_xcomposer.conversion.readers import open_checkpoint
     from ms_xcomposer.models.xcomposer2 import XComposer2ForCausalLM
     from ms_xcomposer.models.xcomposer2.config import VisionConfig, preset
     from ms_xcomposer.models.xcomposer2.processor import XComposer2Processor
-    from ms_xcomposer.scheduler import BatchingEngine
-    from ms_xcomposer.server.app import create_app
     from ms_xcomposer.tokenizer import InternLM2Tokenizer
 
-    runtime.setup("CPU", mode)
     tokenizer = InternLM2Tokenizer.from_pretrained(tokenizer_dir)
     with open_checkpoint(tokenizer_dir) as reader:  # the tiny model: its vocabulary fits the tokenizer
         vocab = reader.config.llm.vocab_size
@@ -80,7 +76,20 @@ def serve_full_width(tokenizer_dir: str, layers: int, mode: str, max_batch: int)
         value = np.ones(shape, np.float32) if name.endswith("norm.weight") else \
             (rng.standard_normal(shape, np.float32) * np.float32(0.02))
         p.set_data(Tensor(value))
-    engine = BatchingEngine(model, XComposer2Processor(tokenizer, cfg), max_batch=max_batch, max_queue=256).start()
+    return model, XComposer2Processor(tokenizer, cfg)
+
+
+def serve_full_width(tokenizer_dir: str, layers: int, mode: str, max_batch: int) -> None:
+    """Build the full-width model with random weights and serve it like `ms-xcomposer serve` does."""
+    import uvicorn
+
+    from ms_xcomposer import runtime
+    from ms_xcomposer.scheduler import BatchingEngine
+    from ms_xcomposer.server.app import create_app
+
+    runtime.setup("CPU", mode)
+    model, processor = build_full_width(tokenizer_dir, layers)
+    engine = BatchingEngine(model, processor, max_batch=max_batch, max_queue=256).start()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL_ID), host="127.0.0.1", port=0,
                                            log_level="warning"))
     original = server.startup
