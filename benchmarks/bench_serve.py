@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -79,7 +79,8 @@ def build_full_width(tokenizer_dir: str, layers: int):
     return model, XComposer2Processor(tokenizer, cfg)
 
 
-def serve_full_width(tokenizer_dir: str, layers: int, mode: str, max_batch: int) -> None:
+def serve_full_width(tokenizer_dir: str, layers: int, mode: str, max_batch: int,
+                     max_prefill_tokens: Optional[int]) -> None:
     """Build the full-width model with random weights and serve it like `ms-xcomposer serve` does."""
     import uvicorn
 
@@ -89,7 +90,8 @@ def serve_full_width(tokenizer_dir: str, layers: int, mode: str, max_batch: int)
 
     runtime.setup("CPU", mode)
     model, processor = build_full_width(tokenizer_dir, layers)
-    engine = BatchingEngine(model, processor, max_batch=max_batch, max_queue=256).start()
+    engine = BatchingEngine(model, processor, max_batch=max_batch, max_queue=256,
+                            **({} if max_prefill_tokens is None else {"max_prefill_tokens": max_prefill_tokens})).start()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL_ID), host="127.0.0.1", port=0,
                                            log_level="warning"))
     original = server.startup
@@ -100,6 +102,95 @@ def serve_full_width(tokenizer_dir: str, layers: int, mode: str, max_batch: int)
 
     server.startup = startup
     server.run()
+
+
+# ---- where a full-width engine round's time goes (in this process, no server) -----------------------------
+def engine_profile(tokenizer_dir: str, layers: int, mode: str, rounds: int = 3) -> Dict[str, float]:
+    """Seconds of the engine's pieces on the full-width model, the benchmark's prompts, min over `rounds`
+    interleaved rounds: prefill of 1, 4 and 8 prompts together (`join`), a decode step at batch 1, 4 and 8
+    (`DecodeBatch.step`) and its model call alone (the rest is host work: logits to numpy, token choice,
+    callbacks), and the decode FFN product x [M, 4096] @ W[14336, 4096].T at M = 1 and 8 (MatMul transpose_b, as
+    models/layers.linear)."""
+    import numpy as np
+    from mindspore import Tensor, ops
+
+    from ms_xcomposer import runtime
+    from ms_xcomposer.batching import DecodeBatch, Row, batch_key
+    from ms_xcomposer.conversation import prepare_turn
+
+    runtime.setup("CPU", mode)
+    model, processor = build_full_width(tokenizer_dir, layers)
+
+    def rows(k: int) -> List[Row]:
+        turns = [prepare_turn(model, processor, f"c8 client {i} request 0: tell me a story about the number {i * 7}.",
+                              None, (), max_new_tokens=64) for i in range(k)]
+        return [Row(t.inputs, t.generation) for t in turns]
+
+    key = batch_key(model, {})
+    width = model.llm_config.intermediate_size
+    weight = Tensor(np.random.default_rng(0).standard_normal((width, model.llm_config.hidden_size), np.float32))
+    matmul = ops.MatMul(transpose_b=True)
+    out: Dict[str, float] = {}
+
+    def keep(name: str, seconds: float) -> None:
+        out[name] = min(out.get(name, seconds), seconds)
+
+    warm = DecodeBatch(model, key)
+    warm.join(rows(2))
+    warm.step()
+    for _ in range(rounds):
+        for k in (1, 4, 8):
+            batch = DecodeBatch(model, key)
+            joining = rows(k)
+            t0 = time.perf_counter()
+            batch.join(joining)
+            keep(f"prefill {k}", time.perf_counter() - t0)
+            batch.step()
+            for _ in range(3):
+                t0 = time.perf_counter()
+                batch.step()
+                keep(f"step {k}", time.perf_counter() - t0)
+                tokens = np.asarray([[r.generated[-1]] for r in batch.rows], np.int32)
+                positions = np.asarray([[r.length] for r in batch.rows], np.int64)
+                t0 = time.perf_counter()
+                model(input_ids=tokens, past_key_values=batch.cache, use_cache=True, last_logits_only=True,
+                      positions=positions, cache_capacity=batch.cache.capacity).logits.asnumpy()
+                keep(f"model call {k}", time.perf_counter() - t0)
+        for m in (1, 8):
+            x = Tensor(np.ones((m, model.llm_config.hidden_size), np.float32))
+            matmul(x, weight).asnumpy()
+            t0 = time.perf_counter()
+            matmul(x, weight).asnumpy()
+            keep(f"ffn matmul {m}", time.perf_counter() - t0)
+    out["prompt tokens"] = rows(1)[0].prompt_length
+    return out
+
+
+def profile_lines(p: Dict[str, float], args) -> List[str]:
+    ms = {k: v * 1e3 for k, v in p.items() if k != "prompt tokens"}
+    d1, d8 = ms["step 1"], ms["step 8"]
+    prefill = ms["prefill 1"]
+    table = _report.table(["piece", "batch 1", "batch 4", "batch 8", "batch 8 / batch 1"], [
+        [f"prefill ({int(p['prompt tokens'])}-token prompts, together) ms", f"{ms['prefill 1']:.0f}",
+         f"{ms['prefill 4']:.0f}", f"{ms['prefill 8']:.0f}", f"{ms['prefill 8'] / ms['prefill 1']:.2f}x"],
+        ["decode step (`DecodeBatch.step`) ms", f"{d1:.0f}", f"{ms['step 4']:.0f}", f"{d8:.0f}", f"{d8 / d1:.2f}x"],
+        ["its model call alone ms", f"{ms['model call 1']:.0f}", f"{ms['model call 4']:.0f}",
+         f"{ms['model call 8']:.0f}", f"{ms['model call 8'] / ms['model call 1']:.2f}x"],
+        ["host work (step - model call) ms", f"{d1 - ms['model call 1']:.1f}", f"{ms['step 4'] - ms['model call 4']:.1f}",
+         f"{d8 - ms['model call 8']:.1f}", ""],
+        ["FFN product [M, 4096] @ [4096, 14336] ms", f"{ms['ffn matmul 1']:.1f}", "",
+         f"{ms['ffn matmul 8']:.1f}", f"{ms['ffn matmul 8'] / ms['ffn matmul 1']:.2f}x"]])
+    # The best a scheduler can do with the benchmark's requests (n new tokens each): c=1 costs prefill + (n-1)
+    # batch-1 steps per request; c=8 at least 8 prefills (batched: prefill 8) + (n-1) batch-8 steps per 8
+    # requests, with nothing idle.
+    n = args.max_tokens_full
+    bound = 8 * (prefill + (n - 1) * d1) / (ms["prefill 8"] + (n - 1) * d8)
+    ideal = 8 * (prefill + (n - 1) * d1) / (ms["prefill 8"] + (n - 1) * d1)
+    return [f"Where the time goes (`--profile`, this process, {args.mode} mode, min of 3 interleaved rounds, "
+            f"{_report.machine_line(_report.load_average())}):", "", table, "",
+            f"Upper bound on the c=8 / c=1 throughput from these pieces, for requests of {n} new tokens: "
+            f"8 x (prefill 1 + {n - 1} steps at batch 1) / (prefill 8 + {n - 1} steps at batch 8) = {bound:.2f}x; "
+            f"{ideal:.2f}x even if a batch-8 step cost what a batch-1 step does.", ""]
 
 
 # ---- the client side ---------------------------------------------------------------------------------------
@@ -179,9 +270,11 @@ def run_server(name: str, cmd: List[str], requests: int, max_tokens: int) -> Lis
         proc.wait(120)
 
 
-def section(results: Dict[str, List[Dict[str, float]]], args, load_before: float) -> Tuple[str, List[str]]:
+def section(results: Dict[str, List[Dict[str, float]]], args, load_before: float,
+            profile: List[str]) -> Tuple[str, List[str]]:
     lines = ["## Serving: continuous batching (`python benchmarks/bench_serve.py`)", "",
-             f"`ms-xcomposer serve` subprocess on 127.0.0.1, {args.mode} mode, --max-batch 16; c clients each send "
+             f"`ms-xcomposer serve` subprocess on 127.0.0.1, {args.mode} mode, --max-batch 16, --max-prefill-tokens "
+             f"{args.max_prefill_tokens or 'default'}; c clients each send "
              f"{args.requests} streaming text-only requests in turn (short prompts, greedy, max_tokens "
              f"{args.max_tokens} tiny / {args.max_tokens_full} full-width). tokens/s = completion tokens / phase "
              "wall time; TTFT = median time to the first content chunk.", "",
@@ -207,18 +300,12 @@ def section(results: Dict[str, List[Dict[str, float]]], args, load_before: float
                             f"{_report.verdict(ttft_ratio <= 2.0)} | {ttft_ratio:.2f}x")
         per_request_s = base["wall"] / base["requests"]
         decode_ms = (per_request_s - base["ttft"]) / max(base["tokens"] / base["requests"] - 1, 1) * 1e3
-        prefill_share = c8["requests"] * base["ttft"] / c8["wall"]
         lines += [f"Alone (c=1): the first token after {base['ttft']:.2f} s (queue + prefill of a short prompt), "
-                  f"then {decode_ms:.0f} ms per token. At c=8 the {c8['requests']} prefills alone would take about "
-                  f"{prefill_share:.0%} of the phase's wall time, at the c=1 prefill time each (every new request's "
-                  "prefill pauses the running rows).", ""]
+                  f"then {decode_ms:.0f} ms per token.", ""]
+    lines += profile
     lines += ["Targets:", "", "| target | result | measured |", "|---|---|---|"]
     lines += [f"| {v} |" for v in verdicts]
-    lines += ["", "Reading the full-width rows: on 2 CPU cores the prefill of a short prompt costs several decode "
-              "steps (the c=1 line), every arrival's prefill pauses the running rows, and with short answers the "
-              "prefills take a large share of the phase (the estimate above), which batching decode steps cannot "
-              "recover; TTFT grows with the prefills queued ahead. Not done: interleaving prefill chunks with decode "
-              "steps (bounds the pause), and a profile of a batched decode step against one row's."]
+    return "\n".join(lines) + "\n", verdicts
     return "\n".join(lines) + "\n", verdicts
 
 
@@ -230,30 +317,40 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2, help="requests per client per phase")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of the tiny model's requests")
     parser.add_argument("--max-tokens-full", type=int, default=16, help="max_tokens on the full-width layers")
+    parser.add_argument("--max-prefill-tokens", type=int, help="the servers' --max-prefill-tokens (default theirs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time the engine's pieces on the full-width model (prefill, decode steps, host "
+                             "work, the FFN product) in this process, after the servers")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--serve-full-width", metavar="TOKENIZER_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_full_width:
-        serve_full_width(args.serve_full_width, args.layers, args.mode, 16)
+        serve_full_width(args.serve_full_width, args.layers, args.mode, 16, args.max_prefill_tokens)
         return 0
 
     from ms_xcomposer.conversion.convert import convert
 
     load_before = _report.load_average()
     env_python = [sys.executable]
+    prefill_arg = [] if args.max_prefill_tokens is None else ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     results: Dict[str, List[Dict[str, float]]] = {}
+    profile: List[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         tiny = os.path.join(tmp, "tiny")
         convert(TINY_HF, tiny)
         if args.only in (None, "tiny"):
             results["tiny"] = run_server("tiny", env_python + [
                 "-m", "ms_xcomposer", "serve", tiny, "--port", "0", "--served-model-name", MODEL_ID,
-                "--max-batch", "16", "--max-queue", "256", "--mode", args.mode], args.requests, args.max_tokens)
+                "--max-batch", "16", "--max-queue", "256", "--mode", args.mode, *prefill_arg], args.requests,
+                args.max_tokens)
         if args.only in (None, "full-width"):
             results[f"full-width ({args.layers} InternLM2 layers)"] = run_server("full-width", env_python + [
                 os.path.abspath(__file__), "--serve-full-width", tiny, "--layers", str(args.layers),
-                "--mode", args.mode], args.requests, args.max_tokens_full)
-    body, verdicts = section(results, args, load_before)
+                "--mode", args.mode, *prefill_arg], args.requests, args.max_tokens_full)
+        if args.profile:
+            profile = profile_lines(engine_profile(tiny, args.layers, args.mode), args)
+            print("\n".join(profile), flush=True)
+    body, verdicts = section(results, args, load_before, profile)
     print(body)
     if not args.no_write:
         print("wrote", _report.write_section("serve", body))
