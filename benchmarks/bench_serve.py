@@ -19,6 +19,7 @@ Writes the `serve` section of docs/performance.md (unless --no-write).
 
     python benchmarks/bench_serve.py                    # both servers, GRAPH mode (~10-20 min on 2 busy cores)
     python benchmarks/bench_serve.py --only tiny --mode pynative
+    python benchmarks/bench_serve.py --only profile --no-write  # where a full-width round's time goes
 """
 from __future__ import annotations
 
@@ -108,8 +109,8 @@ def serve_full_width(tokenizer_dir: str, layers: int, mode: str, max_batch: int,
 def engine_profile(tokenizer_dir: str, layers: int, mode: str, rounds: int = 3) -> Dict[str, float]:
     """Seconds of the engine's pieces on the full-width model, the benchmark's prompts, min over `rounds`
     interleaved rounds: prefill of 1, 4 and 8 prompts together (`join`), a decode step at batch 1, 4 and 8
-    (`DecodeBatch.step`) and its model call alone (the rest is host work: logits to numpy, token choice,
-    callbacks), and the decode FFN product x [M, 4096] @ W[14336, 4096].T at M = 1 and 8 (MatMul transpose_b, as
+    (`DecodeBatch.step`) and its model call (logits copied to the host; the rest is host work: token choice,
+    callbacks, dropping finished rows), and the decode FFN product x [M, 4096] @ W[14336, 4096].T at M = 1 and 8 (MatMul transpose_b, as
     models/layers.linear)."""
     import numpy as np
     from mindspore import Tensor, ops
@@ -126,7 +127,6 @@ def engine_profile(tokenizer_dir: str, layers: int, mode: str, rounds: int = 3) 
                               None, (), max_new_tokens=64) for i in range(k)]
         return [Row(t.inputs, t.generation) for t in turns]
 
-    key = batch_key(model, {})
     width = model.llm_config.intermediate_size
     weight = Tensor(np.random.default_rng(0).standard_normal((width, model.llm_config.hidden_size), np.float32))
     matmul = ops.MatMul(transpose_b=True)
@@ -135,6 +135,7 @@ def engine_profile(tokenizer_dir: str, layers: int, mode: str, rounds: int = 3) 
     def keep(name: str, seconds: float) -> None:
         out[name] = min(out.get(name, seconds), seconds)
 
+    key = batch_key(model, rows(1)[0].inputs.extras)
     warm = DecodeBatch(model, key)
     warm.join(rows(2))
     warm.step()
@@ -146,16 +147,15 @@ def engine_profile(tokenizer_dir: str, layers: int, mode: str, rounds: int = 3) 
             batch.join(joining)
             keep(f"prefill {k}", time.perf_counter() - t0)
             batch.step()
+            timed = _TimedModel(model)
+            batch.model = timed  # the step's model call timed inside the step itself
             for _ in range(3):
                 t0 = time.perf_counter()
                 batch.step()
-                keep(f"step {k}", time.perf_counter() - t0)
-                tokens = np.asarray([[r.generated[-1]] for r in batch.rows], np.int32)
-                positions = np.asarray([[r.length] for r in batch.rows], np.int64)
-                t0 = time.perf_counter()
-                model(input_ids=tokens, past_key_values=batch.cache, use_cache=True, last_logits_only=True,
-                      positions=positions, cache_capacity=batch.cache.capacity).logits.asnumpy()
-                keep(f"model call {k}", time.perf_counter() - t0)
+                step = time.perf_counter() - t0
+                keep(f"step {k}", step)
+                keep(f"model call {k}", timed.seconds)
+                keep(f"host {k}", step - timed.seconds)
         for m in (1, 8):
             x = Tensor(np.ones((m, model.llm_config.hidden_size), np.float32))
             matmul(x, weight).asnumpy()
@@ -166,6 +166,20 @@ def engine_profile(tokenizer_dir: str, layers: int, mode: str, rounds: int = 3) 
     return out
 
 
+class _TimedModel:
+    """Calls the model and keeps the seconds of the last call, its logits copied to the host included."""
+
+    def __init__(self, model):
+        self.model, self.seconds = model, 0.0
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.model(*args, **kwargs)
+        out.logits.asnumpy()
+        self.seconds = time.perf_counter() - t0
+        return out
+
+
 def profile_lines(p: Dict[str, float], args) -> List[str]:
     ms = {k: v * 1e3 for k, v in p.items() if k != "prompt tokens"}
     d1, d8 = ms["step 1"], ms["step 8"]
@@ -174,10 +188,10 @@ def profile_lines(p: Dict[str, float], args) -> List[str]:
         [f"prefill ({int(p['prompt tokens'])}-token prompts, together) ms", f"{ms['prefill 1']:.0f}",
          f"{ms['prefill 4']:.0f}", f"{ms['prefill 8']:.0f}", f"{ms['prefill 8'] / ms['prefill 1']:.2f}x"],
         ["decode step (`DecodeBatch.step`) ms", f"{d1:.0f}", f"{ms['step 4']:.0f}", f"{d8:.0f}", f"{d8 / d1:.2f}x"],
-        ["its model call alone ms", f"{ms['model call 1']:.0f}", f"{ms['model call 4']:.0f}",
+        ["its model call (logits on the host) ms", f"{ms['model call 1']:.0f}", f"{ms['model call 4']:.0f}",
          f"{ms['model call 8']:.0f}", f"{ms['model call 8'] / ms['model call 1']:.2f}x"],
-        ["host work (step - model call) ms", f"{d1 - ms['model call 1']:.1f}", f"{ms['step 4'] - ms['model call 4']:.1f}",
-         f"{d8 - ms['model call 8']:.1f}", ""],
+        ["host work (step - model call: token choice, callbacks, cache rows) ms", f"{ms['host 1']:.1f}",
+         f"{ms['host 4']:.1f}", f"{ms['host 8']:.1f}", ""],
         ["FFN product [M, 4096] @ [4096, 14336] ms", f"{ms['ffn matmul 1']:.1f}", "",
          f"{ms['ffn matmul 8']:.1f}", f"{ms['ffn matmul 8'] / ms['ffn matmul 1']:.2f}x"]])
     # The best a scheduler can do with the benchmark's requests (n new tokens each): c=1 costs prefill + (n-1)
@@ -312,7 +326,7 @@ def section(results: Dict[str, List[Dict[str, float]]], args, load_before: float
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", default="graph", choices=("graph", "pynative"))
-    parser.add_argument("--only", choices=("tiny", "full-width"))
+    parser.add_argument("--only", choices=("tiny", "full-width", "profile"))
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--requests", type=int, default=2, help="requests per client per phase")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of the tiny model's requests")
@@ -347,7 +361,7 @@ def main() -> int:
             results[f"full-width ({args.layers} InternLM2 layers)"] = run_server("full-width", env_python + [
                 os.path.abspath(__file__), "--serve-full-width", tiny, "--layers", str(args.layers),
                 "--mode", args.mode, *prefill_arg], args.requests, args.max_tokens_full)
-        if args.profile:
+        if args.profile or args.only == "profile":
             profile = profile_lines(engine_profile(tiny, args.layers, args.mode), args)
             print("\n".join(profile), flush=True)
     body, verdicts = section(results, args, load_before, profile)

@@ -220,7 +220,10 @@ class BatchingEngine:
                 groups.append((key, open_group[key]))
             rows, budget = rows + 1, budget + need
         for key, group in groups:
-            self._prefills.append((key, Prefill(self.model, dict(key), group, self.max_prefill_tokens)))
+            try:
+                self._prefills.append((key, Prefill(self.model, dict(key), group, self.max_prefill_tokens)))
+            except Exception as e:  # noqa: BLE001 - e.g. a runtime failure: these rows end, the engine goes on
+                self._fail(group, e)
 
     def _advance_prefill(self) -> None:
         """One chunk of the oldest prefill; when it is done its rows join their batch (a new one if none runs).
@@ -238,14 +241,17 @@ class BatchingEngine:
             prefill.advance()
         except Exception as e:  # noqa: BLE001 - e.g. a runtime failure: these rows end, the engine goes on
             self._prefills.popleft()
-            for row in prefill.rows:
-                row.fail(e)
-                self._report(row)
+            self._fail(prefill.rows, e)
             return
         if prefill.done:
             self._prefills.popleft()
             batch = self._batches.setdefault(key, DecodeBatch(self.model, key))
             self._run(batch, lambda b: b.end_join(prefill), prefill.rows)
+
+    def _fail(self, rows: Sequence[Row], error: BaseException) -> None:
+        for row in rows:
+            row.fail(error)
+            self._report(row)
 
     def _run(self, batch: DecodeBatch, action, joining: Sequence[Row] = ()) -> None:
         """`action(batch)` (a join or a step), then report its finished rows; a failure fails every row in it."""
