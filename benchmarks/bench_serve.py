@@ -91,8 +91,8 @@ def serve_full_width(tokenizer_dir: str, layers: int, mode: str, max_batch: int,
 
     runtime.setup("CPU", mode)
     model, processor = build_full_width(tokenizer_dir, layers)
-    engine = BatchingEngine(model, processor, max_batch=max_batch, max_queue=256,
-                            **({} if max_prefill_tokens is None else {"max_prefill_tokens": max_prefill_tokens})).start()
+    options = {} if max_prefill_tokens is None else {"max_prefill_tokens": max_prefill_tokens}
+    engine = BatchingEngine(model, processor, max_batch=max_batch, max_queue=256, **options).start()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL_ID), host="127.0.0.1", port=0,
                                            log_level="warning"))
     original = server.startup
@@ -110,8 +110,8 @@ def engine_profile(tokenizer_dir: str, layers: int, mode: str, rounds: int = 3) 
     """Seconds of the engine's pieces on the full-width model, the benchmark's prompts, min over `rounds`
     interleaved rounds: prefill of 1, 4 and 8 prompts together (`join`), a decode step at batch 1, 4 and 8
     (`DecodeBatch.step`) and its model call (logits copied to the host; the rest is host work: token choice,
-    callbacks, dropping finished rows), and the decode FFN product x [M, 4096] @ W[14336, 4096].T at M = 1 and 8 (MatMul transpose_b, as
-    models/layers.linear)."""
+    callbacks, dropping finished rows), and the decode FFN product x [M, 4096] @ W[14336, 4096].T at M = 1 and 8
+    (MatMul transpose_b, as models/layers.linear)."""
     import numpy as np
     from mindspore import Tensor, ops
 

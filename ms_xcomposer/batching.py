@@ -3,8 +3,8 @@
 A `DecodeBatch` holds the rows that decode together, their KV cache [rows, kv_heads, capacity, head_dim] and
 each row's own length. Rows join between steps (`join`: their prompts prefilled together, left-padded to the
 longest, their cache rows appended; or `begin_join` / `end_join` around a `Prefill` advanced chunk by chunk,
-with decode steps of the batch in between) and leave when they finish or are cancelled (their cache rows dropped, the
-memory reused by the next rows to join). Each row keeps its own positions, RoPE tables, attention bias and
+with decode steps of the batch in between) and leave when they finish or are cancelled (their cache rows
+dropped, the memory reused by the next rows to join). Each row keeps its own positions, RoPE tables, attention bias and
 per-token extras (XComposer2's PLoRA image mask), so its numbers are those of the same prompt run alone; its
 tokens are chosen on the host with the same code as `generation.generate` (`choose_token`), with its own
 decoding options and random generator.

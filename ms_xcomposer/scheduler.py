@@ -9,14 +9,15 @@ chunk of the oldest prefill, then one decode step of every running batch, so a p
 running rows by at most one chunk per token they generate (vLLM's chunked prefill, without mixing prefill and
 decode tokens in one call). A finished prefill's rows join the running `batching.DecodeBatch` of their step
 flags. Every decode step advances every running row by one token; finished and cancelled rows leave and their
-cache rows are reused. The caller hears of its request through a `Listener`, called on the engine thread: `started(prompt
-tokens)`, `token(id)` per new token, then `finished(ChatResult, finish_reason, prompt tokens)` or
-`failed(error)`. Listeners must not block (the server hands the events to its event loop).
+cache rows are reused. The caller hears of its request through a `Listener`, called on the engine thread:
+`started(prompt tokens)`, `token(id)` per new token, then `finished(ChatResult, finish_reason, prompt tokens)`
+or `failed(error)`. Listeners must not block (the server hands the events to its event loop).
 
-Limits: `max_batch` rows decode (or prefill) together; `max_queue` requests wait (more: `QueueFull`); `max_tokens` bounds
-the tokens in flight, the sum over running and prefilling rows of prompt + max_new_tokens (a request that alone exceeds it
-fails with `RequestTooLarge`; others wait until rows leave). Beam-search requests (num_beams > 1) are not
-batched: they run alone on the engine thread, the running rows waiting meanwhile.
+Limits: `max_batch` rows decode (or prefill) together; `max_queue` requests wait (more: `QueueFull`);
+`max_tokens` bounds the tokens in flight, the sum over running and prefilling rows of prompt + max_new_tokens
+(a request that alone exceeds it fails with `RequestTooLarge`; others wait until rows leave);
+`max_prefill_tokens` bounds the prompt tokens of one prefill chunk. Beam-search requests (num_beams > 1) are
+not batched: they run alone on the engine thread, the running rows waiting meanwhile.
 """
 from __future__ import annotations
 
