@@ -215,8 +215,8 @@ def profile_lines(p: Dict[str, float], args) -> List[str]:
             "time (the FFN row), so decode is not memory-bound at batch 8 on this machine. A short prompt's "
             f"prefill is compute-bound (8 prompts together cost {ms['prefill 8'] / prefill:.1f}x one) and is "
             f"{share:.0%} of a request's work alone, so even perfect decode batching "
-            + ("stays under 4x (the estimate above): the 4x target cannot hold here for this workload, whatever "
-               "the scheduling. " if ideal < 4 else f"reaches only {ideal:.2f}x (the estimate above). ")
+            + ("stays under 4x (the estimate above): scheduling alone cannot reach the 4x target here for this "
+               "workload. " if ideal < 4 else f"reaches only {ideal:.2f}x (the estimate above). ")
             + "Time to first token: requests arriving together (the c=8 phase starts with 8) need one prefill each "
             "of compute before the last first token; one by one, the median waits for 4.5 of them. Grouped "
             "prefills cost less per prompt (the prefill row) and later arrivals spread out, which brings the "
