@@ -2,8 +2,9 @@
 
 A `DecodeBatch` holds the rows that decode together, their KV cache [rows, kv_heads, capacity, head_dim] and
 each row's own length. Rows join between steps (`join`: their prompts prefilled together, left-padded to the
-longest, their cache rows appended) and leave when they finish or are cancelled (their cache rows dropped, the
-memory reused by the next rows to join). Each row keeps its own positions, RoPE tables, attention bias and
+longest, their cache rows appended; or `begin_join` / `end_join` around a `Prefill` advanced chunk by chunk,
+with decode steps of the batch in between) and leave when they finish or are cancelled (their cache rows
+dropped, the memory reused by the next rows to join). Each row keeps its own positions, RoPE tables, attention bias and
 per-token extras (XComposer2's PLoRA image mask), so its numbers are those of the same prompt run alone; its
 tokens are chosen on the host with the same code as `generation.generate` (`choose_token`), with its own
 decoding options and random generator.
@@ -65,6 +66,16 @@ class Row:
         """Leave at the next step boundary (thread-safe: only sets a flag)."""
         self._cancelled = True
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def end_if_cancelled(self) -> bool:
+        """Finish the row as "cancelled" if it was cancelled and is not done yet; returns whether it is done."""
+        if self._cancelled and not self.done:
+            self._finish("cancelled")
+        return self.done
+
     def fail(self, error: BaseException) -> None:
         """End the row with `error` (e.g. the batch's step failed)."""
         self._finish("error", error)
@@ -112,58 +123,54 @@ def batch_key(model, extras: Dict[str, object]) -> tuple:
     return items
 
 
-class DecodeBatch:
-    """Rows decoding together with one KV cache (see the module doc). Not thread-safe: one thread drives it."""
+class Prefill:
+    """The prompts of rows joining a `DecodeBatch`, prefilled together (left-padded to the longest) in chunks:
+    each `advance()` runs the next chunk of every row through the model into this prefill's own KV cache, so a
+    scheduler can run decode steps of the batch between two chunks (the running rows are not stalled for a whole
+    long prompt). When `done`, `logits` [rows, vocab] are the prompts' last logits and `cache` their cache rows.
 
-    def __init__(self, model, key: tuple = ()):
-        self.model, self.key = model, key
-        self.step_extras = dict(key)
-        self.rows: List[Row] = []
-        self.cache: Optional[KVCache] = None
+    Chunk boundaries: the last chunk ends at the longest prompt's end, the others `chunk` tokens before each
+    other, and the first one extends over all left padding, so every chunk holds a real token of every row (a
+    row's positions are never all padding). A row's numbers do not depend on the chunking: each chunk attends to
+    the cache written by the earlier ones, at the row's own positions, as `CausalLM` itself chunks a prompt.
+    """
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def join(self, rows: Sequence[Row]) -> List[Row]:
-        """Prefill `rows` together (left-padded to the longest prompt), choose their first tokens and append them
-        to the batch. Returns the rows that finished (already removed), these or others."""
+    def __init__(self, model, step_extras: Dict[str, object], rows: Sequence[Row], chunk: Optional[int] = None):
         if not rows:
-            return []
-        for row in rows:
-            if batch_key(self.model, row.inputs.extras) != self.key:
-                raise ValueError("a row's step extras differ from its batch's (group rows by batch_key)")
-        embeds, positions, per_token = self._prefill_inputs(rows)
-        need = max(r.prompt_length + r.config.max_new_tokens for r in rows)
-        if self.cache is not None:
-            need = max(need, self.cache.capacity)
-        out = self.model(inputs_embeds=embeds, use_cache=True, last_logits_only=True, positions=positions,
-                         cache_capacity=round_capacity(need), **per_token, **self.step_extras)
-        logits = out.logits.asnumpy()[:, -1]
-        for i, row in enumerate(rows):
-            row.length = row.prompt_length
-            row.push(logits[i:i + 1])
-        self.cache = out.past_key_values if self.cache is None else self.cache.concat(out.past_key_values)
-        self.rows.extend(rows)
-        return self._drop_done()
+            raise ValueError("a prefill needs at least one row")
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"prefill chunk must be >= 1 tokens, got {chunk}")
+        self.model, self.step_extras, self.rows = model, step_extras, list(rows)
+        self.embeds, self.positions, self.per_token = self._inputs()
+        longest, shortest = self.positions.shape[1], min(r.prompt_length for r in self.rows)
+        cuts = [] if chunk is None else [b for b in range(longest - chunk, 0, -chunk) if b > longest - shortest]
+        self.bounds = [0, *reversed(cuts), longest]
+        self.capacity = round_capacity(max(r.prompt_length + r.config.max_new_tokens for r in self.rows))
+        self.cache: Optional[KVCache] = None
+        self.logits: Optional[np.ndarray] = None
+        self._next = 0
 
-    def step(self) -> List[Row]:
-        """One decode step of every row (each at its own position). Returns the rows that finished (removed)."""
-        finished = self._drop_done()  # cancelled between steps
-        if not self.rows:
-            return finished
-        tokens = np.asarray([[r.generated[-1]] for r in self.rows], np.int32)
-        positions = np.asarray([[r.length] for r in self.rows], np.int64)
-        need = max(r.prompt_length + r.config.max_new_tokens for r in self.rows)
-        out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True, last_logits_only=True,
-                         positions=positions, cache_capacity=need, **self.step_extras)
+    @property
+    def done(self) -> bool:
+        return self._next == len(self.bounds) - 1
+
+    def advance(self) -> None:
+        """Run the next chunk."""
+        a, b = self.bounds[self._next], self.bounds[self._next + 1]
+        whole = (a, b) == (0, self.bounds[-1])
+        embeds = self.embeds if whole else self.embeds[:, a:b]
+        per_token = {k: v[:, a:b] for k, v in self.per_token.items()}
+        out = self.model(inputs_embeds=embeds, past_key_values=self.cache, use_cache=True, last_logits_only=True,
+                         positions=self.positions[:, a:b], cache_capacity=self.capacity, **per_token,
+                         **self.step_extras)
         self.cache = out.past_key_values
-        logits = out.logits.asnumpy()[:, -1]
-        for i, row in enumerate(self.rows):
-            row.length += 1
-            row.push(logits[i:i + 1])
-        return finished + self._drop_done()
+        self._next += 1
+        if self.done:
+            self.logits = out.logits.asnumpy()[:, -1]
+            self.embeds, self.per_token = None, {}  # not needed any more: free them
 
-    def _prefill_inputs(self, rows: Sequence[Row]) -> Tuple[Tensor, np.ndarray, Dict[str, np.ndarray]]:
+    def _inputs(self) -> Tuple[Tensor, np.ndarray, Dict[str, np.ndarray]]:
+        rows = self.rows
         longest = max(r.prompt_length for r in rows)
         embeds, positions = [], np.full((len(rows), longest), -1, np.int64)
         per_token: Dict[str, np.ndarray] = {}
@@ -184,11 +191,69 @@ class DecodeBatch:
                     per_token[name][i, longest - n:] = _numpy(value).reshape(-1)
         return (embeds[0] if len(embeds) == 1 else ops.cat(embeds, axis=0)), positions, per_token
 
+
+class DecodeBatch:
+    """Rows decoding together with one KV cache (see the module doc). Not thread-safe: one thread drives it."""
+
+    def __init__(self, model, key: tuple = ()):
+        self.model, self.key = model, key
+        self.step_extras = dict(key)
+        self.rows: List[Row] = []
+        self.cache: Optional[KVCache] = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, rows: Sequence[Row]) -> List[Row]:
+        """Prefill `rows` together (left-padded to the longest prompt), choose their first tokens and append them
+        to the batch. Returns the rows that finished (already removed), these or others."""
+        if not rows:
+            return []
+        prefill = self.begin_join(rows)
+        while not prefill.done:
+            prefill.advance()
+        return self.end_join(prefill)
+
+    def begin_join(self, rows: Sequence[Row], chunk: Optional[int] = None) -> "Prefill":
+        """A `Prefill` of `rows` to advance chunk by chunk (`chunk` tokens per row and call; None: the whole
+        prompt in one call), decode steps of this batch running between chunks; then `end_join` it."""
+        for row in rows:
+            if batch_key(self.model, row.inputs.extras) != self.key:
+                raise ValueError("a row's step extras differ from its batch's (group rows by batch_key)")
+        return Prefill(self.model, self.step_extras, rows, chunk)
+
+    def end_join(self, prefill: "Prefill") -> List[Row]:
+        """Rows of a finished `prefill` choose their first tokens and join the batch (their cache rows appended).
+        Returns the rows that finished (already removed), these or others."""
+        if not prefill.done:
+            raise ValueError("end_join before the prefill's last chunk")
+        for i, row in enumerate(prefill.rows):
+            row.length = row.prompt_length
+            row.push(prefill.logits[i:i + 1])
+        self.cache = prefill.cache if self.cache is None else self.cache.concat(prefill.cache)
+        prefill.cache = None
+        self.rows.extend(prefill.rows)
+        return self._drop_done()
+
+    def step(self) -> List[Row]:
+        """One decode step of every row (each at its own position). Returns the rows that finished (removed)."""
+        finished = self._drop_done()  # cancelled between steps
+        if not self.rows:
+            return finished
+        tokens = np.asarray([[r.generated[-1]] for r in self.rows], np.int32)
+        positions = np.asarray([[r.length] for r in self.rows], np.int64)
+        need = max(r.prompt_length + r.config.max_new_tokens for r in self.rows)
+        out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True, last_logits_only=True,
+                         positions=positions, cache_capacity=need, **self.step_extras)
+        self.cache = out.past_key_values
+        logits = out.logits.asnumpy()[:, -1]
+        for i, row in enumerate(self.rows):
+            row.length += 1
+            row.push(logits[i:i + 1])
+        return finished + self._drop_done()
+
     def _drop_done(self) -> List[Row]:
-        for row in self.rows:
-            if row._cancelled and not row.done:
-                row._finish("cancelled")
-        done = [r for r in self.rows if r.done]
+        done = [r for r in self.rows if r.end_if_cancelled()]
         if done:
             keep = [i for i, r in enumerate(self.rows) if not r.done]
             self.rows = [self.rows[i] for i in keep]

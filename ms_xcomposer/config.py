@@ -16,6 +16,12 @@ class ConfigError(ValueError):
 # full-width IXC-2.5 layer (the issue 10 bound is 1.5 GB); see docs/performance.md (long_prompt).
 PREFILL_CHUNK = 256
 
+# Prompt tokens the serving engine (`scheduler.BatchingEngine`) prefills between two decode steps of the running
+# rows: short prompts arriving together share a prefill up to this many tokens (padding included), longer ones
+# are prefilled in chunks of it. Measured at full width on 2 CPU cores (docs/performance.md, serve): a prompt
+# token costs about an eighth of a batch-1 decode step, so a full chunk delays the running rows by ~16 steps.
+MAX_PREFILL_TOKENS = 128
+
 
 @dataclass
 class LLMConfig:

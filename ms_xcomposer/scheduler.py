@@ -2,17 +2,22 @@
 boundaries and leave it when they finish.
 
 `BatchingEngine.submit(...)` queues a chat turn (any thread) and returns a `Ticket`; the engine thread builds
-its prompt (the family's processor: tokenizer, image encoding), prefills it together with the other requests
-admitted at the same boundary and adds it to the running `batching.DecodeBatch` of its step flags. Every decode
-step advances every running row by one token; finished and cancelled rows leave and their cache rows are
-reused. The caller hears of its request through a `Listener`, called on the engine thread: `started(prompt
-tokens)`, `token(id)` per new token, then `finished(ChatResult, finish_reason, prompt tokens)` or
-`failed(error)`. Listeners must not block (the server hands the events to its event loop).
+its prompt (the family's processor: tokenizer, image encoding) and the requests waiting at a step boundary are
+grouped into prefills (`batching.Prefill`): short prompts together, up to `max_prefill_tokens` tokens (padding
+included) per prefill; a longer prompt alone, in chunks of that many tokens. The engine loop runs rounds: one
+chunk of the oldest prefill, then one decode step of every running batch, so a prompt of any length delays the
+running rows by at most one chunk per token they generate (vLLM's chunked prefill, without mixing prefill and
+decode tokens in one call). A finished prefill's rows join the running `batching.DecodeBatch` of their step
+flags. Every decode step advances every running row by one token; finished and cancelled rows leave and their
+cache rows are reused. The caller hears of its request through a `Listener`, called on the engine thread:
+`started(prompt tokens)`, `token(id)` per new token, then `finished(ChatResult, finish_reason, prompt tokens)`
+or `failed(error)`. Listeners must not block (the server hands the events to its event loop).
 
-Limits: `max_batch` rows decode together; `max_queue` requests wait (more: `QueueFull`); `max_tokens` bounds
-the tokens in flight, the sum over running rows of prompt + max_new_tokens (a request that alone exceeds it
-fails with `RequestTooLarge`; others wait until rows leave). Beam-search requests (num_beams > 1) are not
-batched: they run alone on the engine thread, the running rows waiting meanwhile.
+Limits: `max_batch` rows decode (or prefill) together; `max_queue` requests wait (more: `QueueFull`);
+`max_tokens` bounds the tokens in flight, the sum over running and prefilling rows of prompt + max_new_tokens
+(a request that alone exceeds it fails with `RequestTooLarge`; others wait until rows leave);
+`max_prefill_tokens` bounds the prompt tokens of one prefill chunk. Beam-search requests (num_beams > 1) are
+not batched: they run alone on the engine thread, the running rows waiting meanwhile.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Protocol, Sequence, Tuple
 
-from ms_xcomposer.batching import DecodeBatch, Row, batch_key
+from ms_xcomposer.batching import DecodeBatch, Prefill, Row, batch_key
+from ms_xcomposer.config import MAX_PREFILL_TOKENS
 from ms_xcomposer.conversation import ChatResult, Turn, finish_turn, prepare_turn, run_turn, stop_check
 
 
@@ -69,16 +75,19 @@ class Ticket:
 class BatchingEngine:
     """The engine thread and its queue (see the module doc). `start()` it, `submit()` turns, `stop()` it."""
 
-    def __init__(self, model, processor, max_batch: int = 8, max_queue: int = 64, max_tokens: Optional[int] = None):
-        if max_batch < 1 or max_queue < 1 or (max_tokens is not None and max_tokens < 1):
-            raise ValueError(f"max_batch, max_queue and max_tokens must be >= 1, got {max_batch}, {max_queue}, "
-                             f"{max_tokens}")
+    def __init__(self, model, processor, max_batch: int = 8, max_queue: int = 64, max_tokens: Optional[int] = None,
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS):
+        if max_batch < 1 or max_queue < 1 or max_prefill_tokens < 1 or (max_tokens is not None and max_tokens < 1):
+            raise ValueError(f"max_batch, max_queue, max_tokens and max_prefill_tokens must be >= 1, got {max_batch}, "
+                             f"{max_queue}, {max_tokens}, {max_prefill_tokens}")
         self.model, self.processor = model, processor
         self.max_batch, self.max_queue, self.max_tokens = max_batch, max_queue, max_tokens
+        self.max_prefill_tokens = max_prefill_tokens
         self._cond = threading.Condition()
         self._queue: Deque[Ticket] = collections.deque()
         self._waiting: Deque[Ticket] = collections.deque()  # prepared, waiting for a free row or token budget
         self._batches: Dict[tuple, DecodeBatch] = {}
+        self._prefills: Deque[Tuple[tuple, Prefill]] = collections.deque()  # (batch key, prefill), oldest first
         self._tickets: Dict[int, Ticket] = {}  # id(row) -> its ticket
         self._stopping = False
         self._ended: Dict[str, int] = collections.Counter()  # requests ended, by finish reason
@@ -106,7 +115,7 @@ class BatchingEngine:
     def stats(self) -> Dict[str, int]:
         """Rows decoding, requests waiting, and requests ended so far by reason (stop, length, cancelled, error)."""
         with self._cond:
-            return {"running": sum(len(b) for b in self._batches.values()),
+            return {"running": self._running(),
                     "queued": len(self._queue) + len(self._waiting),
                     **{reason: self._ended[reason] for reason in ("stop", "length", "cancelled", "error")}}
 
@@ -131,14 +140,20 @@ class BatchingEngine:
                 if self._stopping and not (self._queue or self._waiting or self._running()):
                     return
             self._admit()
+            self._advance_prefill()
             for key in list(self._batches):
                 self._run(self._batches[key], lambda b: b.step())
 
+    def _rows(self) -> List[Row]:
+        """The rows decoding and prefilling (snapshots of the containers: `stats` reads them from other threads)."""
+        batches, prefills = list(self._batches.values()), list(self._prefills)
+        return [r for b in batches for r in b.rows] + [r for _, p in prefills for r in p.rows]
+
     def _running(self) -> int:
-        return sum(len(b) for b in self._batches.values())
+        return len(self._rows())
 
     def _in_flight(self) -> int:
-        return sum(r.prompt_length + r.config.max_new_tokens for b in self._batches.values() for r in b.rows)
+        return sum(r.prompt_length + r.config.max_new_tokens for r in self._rows())
 
     def _next_prepared(self) -> Optional[Ticket]:
         """The next request with its prompt built (failures reported and skipped), or None."""
@@ -170,8 +185,10 @@ class BatchingEngine:
                 self._waiting.append(ticket)
 
     def _admit(self) -> None:
-        """Move prepared requests into the running batches while rows and the token budget allow."""
-        joining: Dict[tuple, List[Ticket]] = {}
+        """Move prepared requests into new prefills while rows and the token budget allow: consecutive requests
+        of one batch key share a prefill while its rows x longest prompt stays within `max_prefill_tokens`."""
+        groups: List[Tuple[tuple, List[Row]]] = []
+        open_group: Dict[tuple, List[Row]] = {}  # the last group of each key, still taking rows
         rows, budget = self._running(), self._in_flight()
         while rows < self.max_batch:
             ticket = self._next_prepared()
@@ -194,11 +211,48 @@ class BatchingEngine:
             if ticket.cancelled:
                 ticket.row.cancel()
             self._tickets[id(ticket.row)] = ticket
-            joining.setdefault(batch_key(self.model, turn.inputs.extras), []).append(ticket)
+            key = batch_key(self.model, turn.inputs.extras)
+            group = open_group.get(key)
+            if group is not None and (len(group) + 1) * max(r.prompt_length for r in [*group, ticket.row]) \
+                    <= self.max_prefill_tokens:
+                group.append(ticket.row)
+            else:
+                open_group[key] = [ticket.row]
+                groups.append((key, open_group[key]))
             rows, budget = rows + 1, budget + need
-        for key, tickets in joining.items():
+        for key, group in groups:
+            try:
+                self._prefills.append((key, Prefill(self.model, dict(key), group, self.max_prefill_tokens)))
+            except Exception as e:  # noqa: BLE001 - e.g. a runtime failure: these rows end, the engine goes on
+                self._fail(group, e)
+
+    def _advance_prefill(self) -> None:
+        """One chunk of the oldest prefill; when it is done its rows join their batch (a new one if none runs).
+        A prefill whose requests were all cancelled is dropped; a failure fails its rows, the engine goes on."""
+        if not self._prefills:
+            return
+        key, prefill = self._prefills[0]
+        if all(r.cancelled for r in prefill.rows):
+            self._prefills.popleft()
+            for row in prefill.rows:
+                row.end_if_cancelled()
+                self._report(row)
+            return
+        try:
+            prefill.advance()
+        except Exception as e:  # noqa: BLE001 - e.g. a runtime failure: these rows end, the engine goes on
+            self._prefills.popleft()
+            self._fail(prefill.rows, e)
+            return
+        if prefill.done:
+            self._prefills.popleft()
             batch = self._batches.setdefault(key, DecodeBatch(self.model, key))
-            self._run(batch, lambda b: b.join([t.row for t in tickets]), [t.row for t in tickets])
+            self._run(batch, lambda b: b.end_join(prefill), prefill.rows)
+
+    def _fail(self, rows: Sequence[Row], error: BaseException) -> None:
+        for row in rows:
+            row.fail(error)
+            self._report(row)
 
     def _run(self, batch: DecodeBatch, action, joining: Sequence[Row] = ()) -> None:
         """`action(batch)` (a join or a step), then report its finished rows; a failure fails every row in it."""

@@ -82,6 +82,31 @@ def test_rows_join_and_leave_a_running_batch(mode_model, alone):
                                               for ids in alone]
 
 
+def test_chunked_prefill_between_decode_steps(mode_model, alone):
+    """A join prefilled chunk by chunk (`begin_join` / `Prefill.advance` / `end_join`), a decode step of the
+    running rows after every chunk, gives every row its tokens alone: an image prompt and a short text prompt in
+    one prefill (the first chunk spans the padding), then the longest prompt alone in small chunks."""
+    _, model, processor = mode_model
+    turns = [prepare_turn(model, processor, q, i, h, **OPTIONS) for q, i, h in zip(QUERIES, IMAGES, HISTORIES)]
+    rows = [Row(t.inputs, t.generation) for t in turns]
+    batch = DecodeBatch(model, batch_key(model, turns[0].inputs.extras))
+    batch.join([rows[1]])
+    steps_before = len(rows[1].generated)
+    for joining, chunk in (([rows[0], rows[3]], 8), ([rows[2]], 64)):
+        prefill = batch.begin_join(joining, chunk)
+        chunks = 0
+        while not prefill.done:
+            prefill.advance()
+            batch.step()
+            chunks += 1
+        assert chunks >= 3, prefill.bounds
+        batch.end_join(prefill)
+    assert len(rows[1].generated) > steps_before + 3  # the running row decoded between the chunks
+    while len(batch):
+        batch.step()
+    assert [r.generated for r in rows] == alone
+
+
 def test_one_decode_graph_for_every_batch_size(converted):
     """GRAPH mode: batches of 4, 2 and 1 rows of other lengths, and rows joining mid-decode, compile nothing
     after the first batch (per compiled piece, from MindSpore's own compile cache): one PLoRA prefill graph,
@@ -97,6 +122,14 @@ def test_one_decode_graph_for_every_batch_size(converted):
         batch_chat(model, processor, QUERIES[1:3], images=IMAGES[1:3], **OPTIONS)
         batch_chat(model, processor, ["A different, longer question about nothing at all?"], **OPTIONS)
         batch_chat(model, processor, QUERIES[::-1], images=IMAGES[::-1], **dict(OPTIONS, max_new_tokens=4))
+        turns = [prepare_turn(model, processor, q, i, h, **OPTIONS) for q, i, h in zip(QUERIES, IMAGES, HISTORIES)]
+        batch = DecodeBatch(model, batch_key(model, turns[0].inputs.extras))
+        batch.join([Row(turns[1].inputs, turns[1].generation)])
+        prefill = batch.begin_join([Row(t.inputs, t.generation) for t in turns[2:]], chunk=32)  # chunked
+        while not prefill.done:
+            prefill.advance()
+            batch.step()
+        batch.end_join(prefill)
         assert {key: len(piece.compile_cache) for key, piece in model._pieces.items()} == counts
     finally:
         ms.set_context(mode=previous)

@@ -14,6 +14,7 @@ import sys
 
 from ms_xcomposer.commands.chat import add_runtime_arguments, load_model, positive_int
 from ms_xcomposer.images import MAX_IMAGE_PIXELS
+from ms_xcomposer.config import MAX_PREFILL_TOKENS
 
 EXAMPLES = """examples:
   ms-xcomposer serve ./ixc25-ms
@@ -48,6 +49,10 @@ def register(subparsers) -> None:
     parser.add_argument("--max-tokens-in-flight", type=positive_int, metavar="N",
                         help="most tokens (prompt + max_tokens, summed over the running requests) held in the KV "
                              "cache; requests wait until it fits (default: no limit)")
+    parser.add_argument("--max-prefill-tokens", type=positive_int, default=MAX_PREFILL_TOKENS, metavar="N",
+                        help="most prompt tokens prefilled between two decode steps: short prompts arriving "
+                             "together share a prefill up to N tokens, longer ones are prefilled in chunks of N, "
+                             f"the running requests decoding a token between chunks (default {MAX_PREFILL_TOKENS})")
     parser.add_argument("--api-key", metavar="KEY",
                         help="require `Authorization: Bearer KEY` (default: no key; also $MS_XCOMPOSER_API_KEY)")
     parser.add_argument("--allowed-local-media", metavar="DIR",
@@ -94,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     model, processor = load_model(args.model_dir, args.device, args.mode, args.dtype)
     model_id = args.served_model_name or os.path.basename(os.path.normpath(args.model_dir))
-    engine = BatchingEngine(model, processor, args.max_batch, args.max_queue, args.max_tokens_in_flight).start()
+    engine = BatchingEngine(model, processor, args.max_batch, args.max_queue, args.max_tokens_in_flight,
+                            args.max_prefill_tokens).start()
     api_key = args.api_key or os.environ.get("MS_XCOMPOSER_API_KEY") or None
     app = create_app(engine, model_id, api_key=api_key, allowed_local_media=args.allowed_local_media,
                      max_body_bytes=args.max_body_mb << 20, max_images=args.max_images, max_pixels=args.max_pixels)
