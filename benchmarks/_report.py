@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "performance.md")
-SECTION_ORDER = ("summary", "matmul", "vision", "decode", "e2e", "compile", "convert", "load", "long_prompt",
+SECTION_ORDER = ("summary", "matmul", "vision", "vision_memory", "decode", "e2e", "compile", "convert", "load", "long_prompt",
                  "serve", "ascend")
 HEADER = """# Performance
 

@@ -16,6 +16,11 @@ class ConfigError(ValueError):
 # full-width IXC-2.5 layer (the issue 10 bound is 1.5 GB); see docs/performance.md (long_prompt).
 PREFILL_CHUNK = 256
 
+# Views of one image per vision-tower call (XComposer2ForCausalLM.vision_group): the tower's activations are
+# those of one group whatever hd_num (about 0.5 GB per CLIP-L/560 view in fp32; all 25 views of hd_num 24 at
+# once took 13 GB), and the last group of an image is smaller (the view count is a dynamic dimension).
+VISION_GROUP = 4
+
 
 @dataclass
 class LLMConfig:

@@ -15,9 +15,10 @@ The formula follows the code as it is (bytes; B = batch, S = prompt rows, C = KV
   and their casts; see `models/attention.py`), plus B x K x (3 x ffn + qkv_out + 4 x hidden) x c (feed-forward
   and projections), plus the prompt embeddings B x S x hidden x c and the last logits B x vocab x 4.
   Linear in S (through C and the embeddings).
-- vision activation (images are encoded one after the other; the largest counts) = VIT_ATTENTION_COPIES x
-  views x vit_heads x T x T x 4 + views x T x (vit_ffn + 4 x vit_width) x c, where views = 1 + tiles (HD
-  variants) and T = patches + 1.
+- vision activation (images are encoded one after the other; the largest counts; the tower runs G =
+  min(views, `config.VISION_GROUP`) views at a time) = VIT_ATTENTION_COPIES x G x vit_heads x T x T x 4
+  + G x T x (vit_ffn + 4 x vit_width) x c + 2 x views x T x vit_width x c (the groups' features, then their
+  concatenation), where views = 1 + tiles (HD variants) and T = patches + 1.
 - activation = max(vision, prefill): the vision tower finishes before the prefill starts.
 - loading = weights x LOADING_PEAK_RATIO: `from_pretrained` builds the model unallocated, then hands each tensor
   over as it is read (no second copy).
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from ms_xcomposer.cache import round_capacity
-from ms_xcomposer.config import PREFILL_CHUNK
+from ms_xcomposer.config import PREFILL_CHUNK, VISION_GROUP
 from ms_xcomposer.models.xcomposer2.config import XComposerConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -150,10 +151,12 @@ def _llm_prefill_bytes(config: XComposerConfig, batch: int, rows: int, capacity:
 def _vision_bytes(config: XComposerConfig, grid: Optional[Tuple[int, int]], c: int) -> int:
     vit = config.vision
     views = 1 + (grid[0] * grid[1] if grid is not None else 0)
+    group = min(views, VISION_GROUP)
     tokens = vit.num_positions
-    scores = VIT_ATTENTION_COPIES * views * vit.num_attention_heads * tokens * tokens * 4
-    layer = views * tokens * (vit.intermediate_size + 4 * vit.hidden_size) * c
-    return scores + layer
+    scores = VIT_ATTENTION_COPIES * group * vit.num_attention_heads * tokens * tokens * 4
+    layer = group * tokens * (vit.intermediate_size + 4 * vit.hidden_size) * c
+    features = 2 * views * tokens * vit.hidden_size * c
+    return scores + layer + features
 
 
 # ---- measuring (tests and benchmarks) -------------------------------------------------------------------
