@@ -14,9 +14,12 @@ fresh process, timed from the call to the end of one short forward (so no read c
 
 Targets (issue 10, printed PASS/FAIL): load >= 0.5x the converter's throughput; peak RSS <= loaded weights +
 1 GB + the largest loaded tensor. Files are read warm (the page cache holds them: both sides read the same
-bytes just before). Writes the `load` section of docs/performance.md.
+bytes just before). Every conversion and every load runs `--repeat` times in the same run, interleaved (convert,
+load, load, convert, ...), and the fastest of each is compared: on this shared VM one run's time varies 2-3x
+with the other processes (the converter 5.2-21.5 s for the same bytes), the best of N much less. Peak RSS is
+the largest of the N. Writes the `load` section of docs/performance.md.
 
-    python benchmarks/bench_load.py             # 2 layers (3.4 GB per source form), ~5 min on 2 cores
+    python benchmarks/bench_load.py             # 2 layers (3.4 GB per source form), ~15 min on 2 cores
 """
 from __future__ import annotations
 
@@ -98,6 +101,7 @@ def stored_bytes(path: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2, help="decoder layers at full width (default 2)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each conversion and load (default 3)")
     parser.add_argument("--workdir", default="/tmp", help="where the temporary checkpoints go (default /tmp)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
     args = parser.parse_args()
@@ -113,41 +117,59 @@ def main() -> int:
     checks = []
     try:
         sources: Dict[str, str] = {}
-        converter: Dict[str, Dict[str, float]] = {}
         for fmt, shards in (("bin", 3), ("safetensors", 2)):
             sources[fmt] = os.path.join(work, f"hf_{fmt}")
             write_random_hf_checkpoint(sources[fmt], config, fmt=fmt, shards=shards)
-        for fmt in ("bin", "safetensors"):
-            dst = os.path.join(work, "ckpt" if fmt == "bin" else "converted")
-            warm(sources[fmt])
-            converter[fmt] = child(CONVERT, sources[fmt], dst)
-            print(f"convert {fmt}: {json.dumps(converter[fmt])}", flush=True)
-            if fmt == "bin":
-                sources["ckpt"] = dst
-            else:
-                shutil.rmtree(dst)
-        converter["ckpt"] = converter["bin"]  # the conversion that wrote the .ckpt directory
-        for fmt in ("ckpt", "safetensors", "bin"):
-            size = stored_bytes(sources[fmt])
-            conv_rate = converter[fmt]["bytes"] / converter[fmt]["seconds"] / GB
-            for dtype in ("None", "bfloat16"):
+        convert_s: Dict[str, List[float]] = {"bin": [], "safetensors": []}
+        converted_bytes: Dict[str, int] = {}
+        loads: Dict[tuple, List[Dict[str, float]]] = {}
+        for rep in range(args.repeat):
+            for fmt in ("bin", "safetensors"):
+                # the first conversion of the .bin directory is the .ckpt source; the others are thrown away
+                keep = fmt == "bin" and rep == 0
+                dst = os.path.join(work, "ckpt" if keep else "scratch")
                 warm(sources[fmt])
-                r = child(LOAD, sources[fmt], dtype)
-                print(f"load {fmt} dtype={dtype}: {json.dumps(r)}", flush=True)
+                r = child(CONVERT, sources[fmt], dst)
+                print(f"convert {fmt} #{rep + 1}: {json.dumps(r)}", flush=True)
+                convert_s[fmt].append(r["seconds"])
+                converted_bytes[fmt] = r["bytes"]
+                if keep:
+                    sources["ckpt"] = dst
+                else:
+                    shutil.rmtree(dst)
+            for fmt in ("ckpt", "safetensors", "bin"):
+                for dtype in ("None", "bfloat16"):
+                    warm(sources[fmt])
+                    r = child(LOAD, sources[fmt], dtype)
+                    print(f"load {fmt} dtype={dtype} #{rep + 1}: {json.dumps(r)}", flush=True)
+                    loads.setdefault((fmt, dtype), []).append(r)
+        convert_s["ckpt"], converted_bytes["ckpt"] = convert_s["bin"], converted_bytes["bin"]  # the conversion
+        for fmt in ("ckpt", "safetensors", "bin"):  # that wrote the .ckpt directory
+            size = stored_bytes(sources[fmt])
+            conv_best = min(convert_s[fmt])
+            conv_rate = converted_bytes[fmt] / conv_best / GB
+            for dtype in ("None", "bfloat16"):
+                runs = loads[(fmt, dtype)]
+                r = min(runs, key=lambda x: x["load"] + x["forward"])
                 seconds = r["load"] + r["forward"]
+                peak = max(x["peak"] for x in runs)
                 rate = size / seconds / GB
                 limit = r["weights"] + 1 * GB + r["largest"]
-                speed_ok, memory_ok = rate >= 0.5 * conv_rate, r["peak"] <= limit
+                speed_ok, memory_ok = rate >= 0.5 * conv_rate, peak <= limit
                 checks += [speed_ok, memory_ok]
+                spread = ", ".join(f"{x['load'] + x['forward']:.1f}" for x in runs)
                 rows.append([fmt, "fp32 (upcast)" if dtype == "None" else "bf16", f"{size / GB:.2f}",
-                             f"{r['load']:.1f} + {r['forward']:.1f}", f"{rate:.2f}", f"{conv_rate:.2f}",
-                             f"{rate / conv_rate:.2f}x {_report.verdict(speed_ok)}", f"{r['weights'] / GB:.2f}",
-                             f"{r['peak'] / GB:.2f}", f"{limit / GB:.2f} {_report.verdict(memory_ok)}",
-                             f"{r['peak_forward'] / GB:.2f}"])
+                             f"{r['load']:.1f} + {r['forward']:.1f}", spread, f"{rate:.2f}",
+                             f"{conv_best:.1f} ({', '.join(f'{x:.1f}' for x in convert_s[fmt])})",
+                             f"{conv_rate:.2f}", f"{rate / conv_rate:.2f}x {_report.verdict(speed_ok)}",
+                             f"{r['weights'] / GB:.2f}", f"{peak / GB:.2f}",
+                             f"{limit / GB:.2f} {_report.verdict(memory_ok)}",
+                             f"{max(x['peak_forward'] for x in runs) / GB:.2f}"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    table = _report.table(["source", "loaded as", "stored GB", "load + forward s", "GB/s", "converter GB/s",
+    table = _report.table(["source", "loaded as", "stored GB", "best load + forward s", f"all {args.repeat} runs s",
+                           "GB/s", "converter s: best (all)", "converter GB/s",
                            "ratio (>= 0.5)", "weights GB", "loading peak RSS GB",
                            "limit: weights + 1 GB + largest", "forward peak RSS GB"], rows)
     body = f"""## Loading (`benchmarks/bench_load.py`)
@@ -163,6 +185,16 @@ every call casts the weights it uses to fp32, the 92544-row embedding table (no 
 included, which costs the forward seconds and 2 x 1.5 GB.
 
 {table}
+
+Each row is the fastest of {args.repeat} runs in this run (all of them listed), against the fastest of the
+converter's {args.repeat} runs of the same bytes (listed too): single runs on this shared VM vary 2-3x.
+Where the fp32 upcast's time goes (cProfile of one .ckpt load, 18.3 s, load average 4): 15.3 s in the
+bf16 -> fp32 shift (`readers.convert_into`), 2.3 s reading (`preadv`), 0.04 s handing tensors to MindSpore
+(`from_numpy`); the protobuf scan does not show. The shift runs at 3.5 GB/s of input into memory already
+touched (16 MB blocks); in the load it writes 6.7 GB of freshly allocated memory, and on this VM the first
+touch of new pages is what costs: 3 GiB first-touched in 0.8 to 14 s from one run to the next (numpy arrays,
+the same script), the same 0.45 GB/s the upcast shows. The bf16 rows touch half as much new memory and the
+converter almost none (it maps its input and writes a file), so the fp32 rows' ratio moves with the VM.
 
 Before (issue 10, 4 decoder layers, 4.09 GB bf16): 47 s with dtype="bfloat16" (0.09 GB/s, peak 6.7 GB), 79 s
 with the fp32 upcast (peak 11.8 GB); the converter 0.48 GB/s.

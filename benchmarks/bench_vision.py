@@ -19,6 +19,13 @@ GRAPH <= 1.0x PyTorch, PyNative <= 2.0x PyTorch. Writes the `vision` section of 
 
     python benchmarks/bench_vision.py                    # all cases (~9 min on 2 cores, 15 GB peak)
     python benchmarks/bench_vision.py --cases 336 --rounds 5
+
+`--memory` instead measures the vision side's memory at hd_num 24 (IXC-2.5, CLIP-L/14-560, a 4 x 6 tile grid:
+25 views of 1601 tokens, random fp32 weights): the peak RSS of one `encode_img` above the RSS before it (after a
+warm-up call on a 1 x 1 grid that compiles the graphs), all 25 views in one tower call against groups of
+`config.VISION_GROUP`, each in a fresh process, GRAPH mode. Writes the `vision_memory` section.
+
+    python benchmarks/bench_vision.py --memory           # 24 tower layers, ~2 x 6 min on 2 cores
 """
 from __future__ import annotations
 
@@ -151,6 +158,86 @@ def run_in_child(case: str, rounds: int, pynative: bool, profile: bool = False) 
     return res
 
 
+MEMORY_GRID = (4, 6)  # hd_num 24: 24 tiles + the global view
+
+
+def memory_case(group: int, layers: int) -> Dict[str, float]:
+    """Peak RSS rise and wall seconds of one hd_num-24 `encode_img` with `group` views per tower call."""
+    import mindspore as ms
+    import psutil
+
+    from ms_xcomposer.memory import peak_rss, reset_peak_rss
+    from ms_xcomposer.models.xcomposer2 import FAMILY, XComposer2ForCausalLM
+    from ms_xcomposer.models.xcomposer2.config import preset
+    from ms_xcomposer.weights import DictSource, load_weights
+
+    base = preset("ixc2.5-7b")
+    cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, num_hidden_layers=0, vocab_size=16),
+                              vision=dataclasses.replace(base.vision, num_hidden_layers=layers), task_adapters=())
+    model = XComposer2ForCausalLM(cfg, dtype=ms.float32, compute_dtype=ms.float32)
+    rng = np.random.default_rng(0)
+    load_weights(model, DictSource({k: rng.standard_normal(tuple(shape), dtype=np.float32) * 0.02
+                                    for k, shape in FAMILY.parameter_shapes(cfg).items()}))
+    model.vision_group = group
+    tile = cfg.tile_size
+    model.encode_img(rng.standard_normal((1, 3, tile, tile), dtype=np.float32)).asnumpy()  # compiles
+    pixels = rng.standard_normal((1, 3, MEMORY_GRID[0] * tile, MEMORY_GRID[1] * tile), dtype=np.float32)
+    before = psutil.Process().memory_info().rss
+    reset_peak_rss()
+    start = time.perf_counter()
+    tokens = model.encode_img(pixels).shape[1]
+    seconds = time.perf_counter() - start
+    return {"rise": peak_rss() - before, "seconds": seconds, "tokens": int(tokens), "graphs": model.compiled_graphs()}
+
+
+def run_memory(layers: int, write: bool) -> int:
+    from ms_xcomposer.config import VISION_GROUP
+    from ms_xcomposer.memory import estimate
+    from ms_xcomposer.models.xcomposer2.config import preset
+
+    load_before = _report.load_average()
+    views = 1 + MEMORY_GRID[0] * MEMORY_GRID[1]
+    rows, results = [], {}
+    for label, group in (("all views in one call (before)", views), (f"groups of {VISION_GROUP}", VISION_GROUP)):
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", str(group), "--vit-layers", str(layers)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode != 0 or not lines:
+            raise RuntimeError(f"memory case {group} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+        res = results[group] = json.loads(lines[-1][len("RESULT "):])
+        print(label, res, flush=True)
+        rows.append([label, group, f"{res['rise'] / 1e9:.2f}", f"{res['seconds']:.1f}", res["tokens"], res["graphs"]])
+    est = estimate(preset("ixc2.5-7b"), prompt_rows=1, max_new_tokens=1, compute_dtype="float32",
+                   weight_dtype="float32", weight_bytes=0, image_grids=[MEMORY_GRID])
+    table = _report.table(["vision tower calls", "views per call", "peak RSS above before GB", "wall s",
+                           "image tokens", "graphs compiled (tower, projector)"], rows)
+    ok = results[VISION_GROUP]["rise"] < results[views]["rise"]
+    layers_note = "" if layers == 24 else (
+        f" Measured with {layers} of the tower's 24 layers (the run at 24 takes about 12x as long): the layers run "
+        "one after the other on activations of the same shapes, so the peak is one layer's; not checked at 24 here.")
+    body = f"""## Vision memory at hd_num 24 (`python benchmarks/bench_vision.py --memory`)
+
+One `encode_img` of an IXC-2.5 image at hd_num 24 ({MEMORY_GRID[0]} x {MEMORY_GRID[1]} tiles + the global view =
+{views} views of 1601 tokens) on the full-width vision side (CLIP-L/14-560, {layers} layers, width 1024, 16 heads;
+projector 4096 -> 4096 -> 4096; random fp32 weights), GRAPH mode, each row in a fresh process after a warm-up
+call on a 1 x 1 grid (which compiles both graphs): peak RSS of the call above the RSS before it. The tower
+runs `XComposer2ForCausalLM.vision_group` views per call (`config.VISION_GROUP` = {VISION_GROUP}; the first
+row sets it to all {views}, what the image path did before); the view count is a dynamic dimension, so both
+rows compile the same two graphs.
+
+{table}
+
+The estimate `memory.estimate` gives this image's vision side now: {est.activation / 1e9:.2f} GB (the LLM
+prefill term, 1 row, is smaller). {_report.verdict(ok)}: grouped below all-at-once.{layers_note}
+
+Machine: {_report.machine_line(load_before)}.
+"""
+    print(body)
+    if write:
+        print("wrote", _report.write_section("vision_memory", body))
+    return 0 if ok else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
@@ -162,7 +249,16 @@ def main() -> int:
     parser.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", default="336", help="case profiled op by op in both frameworks ('' for none)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
+    parser.add_argument("--memory", action="store_true", help="measure the hd_num-24 vision memory instead")
+    parser.add_argument("--vit-layers", type=int, default=24, help="tower layers for --memory (default 24)")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        _report.setup_mindspore("graph")
+        print("RESULT " + json.dumps(memory_case(args.memory_child, args.vit_layers)), flush=True)
+        return 0
+    if args.memory:
+        return run_memory(args.vit_layers, not args.no_write)
     if args.child:
         child(args.child, args.rounds, not args.no_pynative, args.profile_child)
         return 0

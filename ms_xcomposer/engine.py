@@ -201,8 +201,9 @@ class CausalLM(nn.Cell):
     def _run_in_chunks(self, step: DecoderStep, embeds: Tensor, mask: np.ndarray, cos: np.ndarray,
                        sin: np.ndarray, slots: np.ndarray, keys, values, last_only: bool, hidden_states: bool):
         """The new rows through `step` in chunks of `prefill_chunk` rows, each attending to the cache written
-        so far and itself, so the [heads, rows, capacity] scores of one call stay chunk-sized (linear memory in
-        the prompt length). Every chunk uses the same compiled graph (the sequence dimension is dynamic).
+        so far and itself (`attention_span` slots), so the [heads, rows, span] scores of one call stay
+        chunk-sized (linear memory in the prompt length). Every chunk uses the same compiled graph (the
+        sequence and slot dimensions are dynamic).
 
         Returns (logits: every chunk's, or the last chunk's last row with `last_only`; keys; values; the hidden
         states of every layer concatenated over the chunks, or None).
@@ -218,7 +219,8 @@ class CausalLM(nn.Cell):
             logits, keys, values, hidden = step(
                 rows, Tensor(mask[:, a:b, None]).astype(dt), Tensor(cos[:, a:b]).astype(dt),
                 Tensor(sin[:, a:b]).astype(dt), Tensor(chunk_slots),
-                Tensor(attention_bias(chunk_slots, capacity)), ms.mutable(tuple(keys)), ms.mutable(tuple(values)))
+                Tensor(attention_bias(chunk_slots, attention_span(chunk_slots, capacity))),
+                ms.mutable(tuple(keys)), ms.mutable(tuple(values)))
             if not last_only:
                 logits_parts.append(logits)
             if hidden_states:
@@ -321,10 +323,18 @@ def mask_positions(attention_mask, seq: int, past: int = 0, left_only: bool = Fa
     return np.where(real, positions, -1)[:, mask.shape[1] - seq:].astype(np.int64)
 
 
-def attention_bias(slots: np.ndarray, capacity: int) -> np.ndarray:
-    """[B, S, capacity] float32: 0 where a token at slot `slots[b, s]` sees cache slot k (k <= its slot), else
+def attention_span(slots: np.ndarray, capacity: int) -> int:
+    """Cache slots a call's tokens attend over: up to the last slot any of them sees, rounded up like capacities
+    (`round_capacity`), at most `capacity`. The attention reads only these (the bias's last dimension says how
+    many): an early chunk of a long prompt no longer scores the empty rest of the cache. The slot dimension is
+    dynamic, so this adds no compiled graph."""
+    return min(capacity, round_capacity(int(slots.max()) + 1))
+
+
+def attention_bias(slots: np.ndarray, span: int) -> np.ndarray:
+    """[B, S, span] float32: 0 where a token at slot `slots[b, s]` sees cache slot k (k <= its slot), else
     MASKED (later and empty slots)."""
-    return np.where(np.arange(capacity)[None, None, :] <= slots[:, :, None], 0.0, MASKED).astype(np.float32)
+    return np.where(np.arange(span)[None, None, :] <= slots[:, :, None], 0.0, MASKED).astype(np.float32)
 
 
 def _as_tensor(x, dtype) -> Tensor:

@@ -16,9 +16,11 @@ The formula follows the code as it is (bytes; B = batch, S = prompt rows, C = KV
   and projections), plus the prompt embeddings B x S x hidden x c and the last logits B x vocab x 4.
   Linear in S (through C and the embeddings).
 - vision activation: the family's hook (`Family.vision_memory`, a `VisionLoad` of the images) on the shared
-  ViT formula `vit_activation` = VIT_ATTENTION_COPIES x views x vit_heads x T x T x 4 + views x T x (vit_ffn +
-  4 x vit_width) x c, T = patches + 1 tokens per view. XComposer2 encodes images one after the other (the
-  largest counts), views = 1 + HD tiles; LLaVA encodes a turn's images together, one view each, T = 577 at 336
+  ViT formula `vit_activation` = VIT_ATTENTION_COPIES x G x vit_heads x T x T x 4 + G x T x (vit_ffn +
+  4 x vit_width) x c, T = patches + 1 tokens per view, G the views of one tower call (all of them unless the family
+  encodes them in groups; then + 2 x views x T x vit_width x c for the groups' features and their concatenation).
+  XComposer2 encodes images one after the other (the largest counts), views = 1 + HD tiles, in groups of
+  G = min(views, `config.VISION_GROUP`); LLaVA encodes a turn's images together, one view each, T = 577 at 336
   px; InternVL encodes every tile of a turn together, views = all tiles (thumbnails included), T = 1025 at 448
   px, with 4 score copies (InternViT measured 2.5-2.7 PyNative, 4.5-4.6 GRAPH; its projector, on 256 tokens of
   4 x vit_width per tile, runs after the ViT and needs less).
@@ -30,8 +32,10 @@ The formula follows the code as it is (bytes; B = batch, S = prompt rows, C = KV
 The two copy factors were measured on this CPU (MindSpore 2.10, tiny IXC-2.5, PyNative and GRAPH, peak RSS of
 one call above the RSS before it): the attention at S = 2048 and 4096 took 4.2 (PyNative) to 6.3 (GRAPH,
 S = 2048) score-sized copies; the vision tower 2 to 3 (5 and 9 views). Issue 10 measured 3.4 to 5 copies at
-full width. `tests/test_memory.py` checks the estimate against a measured peak RSS (measured / estimated
-between 1/2 and 1.5; PyNative measures below the estimate, GRAPH above it).
+full width. Vision at full width (CLIP-L/560, hd_num 24 = 25 views, fp32, GRAPH, 2 tower layers): 13.3 GB with
+all views at once (this formula without groups: 13.6 GB), 2.05 GB in groups of 4 (this formula: 2.51 GB).
+`tests/test_memory.py` checks the estimate against a measured peak RSS (measured / estimated between 1/2 and
+1.5; PyNative measures below the estimate, GRAPH above it).
 """
 from __future__ import annotations
 
@@ -137,13 +141,16 @@ class VisionMemory:
 
 
 def vit_activation(views: int, heads: int, tokens: int, ffn: int, width: int, c: int,
-                   copies: float = VIT_ATTENTION_COPIES) -> int:
+                   copies: float = VIT_ATTENTION_COPIES, group: Optional[int] = None) -> int:
     """Peak bytes of one ViT layer on `views` images of `tokens` tokens each (compute dtype of c bytes): the
     attention scores in float32 (`copies` copies alive at the peak, measured per tower) and the feed-forward's
-    activations."""
-    scores = int(copies * views * heads * tokens * tokens * 4)
-    layer = views * tokens * (ffn + 4 * width) * c
-    return scores + layer
+    activations, for the `group` views of one tower call (all of them when None). Views encoded in groups add
+    their features twice (the groups' outputs, then their concatenation)."""
+    per_call = views if group is None else min(views, group)
+    scores = int(copies * per_call * heads * tokens * tokens * 4)
+    layer = per_call * tokens * (ffn + 4 * width) * c
+    features = 2 * views * tokens * width * c if group is not None else 0
+    return scores + layer + features
 
 
 def estimate(config, *, prompt_rows: int, max_new_tokens: int, compute_dtype: str, weight_dtype: str,

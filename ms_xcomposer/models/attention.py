@@ -37,7 +37,7 @@ class CachedAttention(nn.Cell):
 
     def construct(self, q, k, v, cos, sin, positions, bias, k_cache, v_cache):
         """q [B,KV,G,S,D], k/v [B,KV,S,D] (before RoPE); cos/sin [B,S,D]; positions [B,S] int32 (each row's cache
-        slots); bias [B,S,C] float32 (0 visible, -1e30 hidden); caches [B,KV,C,D].
+        slots); bias [B,S,L] float32 (0 visible, -1e30 hidden) over the first L <= C cache slots; caches [B,KV,C,D].
 
         Returns (out [B, S, KV*G*D] with heads in order kv * G + g, k_cache, v_cache), the S new keys/values
         of each row written at its `positions`. Scores and softmax run in float32.
@@ -49,7 +49,10 @@ class CachedAttention(nn.Cell):
         index = ops.broadcast_to(positions.reshape(b, 1, s, 1), k.shape)
         k_cache = ops.tensor_scatter_elements(k_cache, index, k.astype(k_cache.dtype), axis=2)
         v_cache = ops.tensor_scatter_elements(v_cache, index, v.astype(v_cache.dtype), axis=2)
-        keys, values = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        # Only the slots the bias covers (`engine.attention_span`: the filled part, rounded): a prompt's early
+        # chunks skip the empty rest of the cache.
+        span = bias.shape[-1]
+        keys, values = k_cache[:, :, :span].astype(q.dtype), v_cache[:, :, :span].astype(q.dtype)
         if self.fused and q.dtype != ms.float32:
             # Query heads kv * G + g use KV head kv: the GQA grouping flash attention expects (N1 = KV * G).
             out = ops.flash_attention_score(q.reshape(b, kv * g, s, d), keys, values, kv * g,

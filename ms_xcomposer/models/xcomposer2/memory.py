@@ -1,9 +1,11 @@
 """XComposer2's vision side for the memory estimate (`ms_xcomposer.memory`): images are encoded one after the
-other (the largest counts), each as 1 + HD tiles views of the CLIP tower (one view for IXC2-VL)."""
+other (the largest counts), each as 1 + HD tiles views of the CLIP tower (one view for IXC2-VL), run
+`config.VISION_GROUP` views per tower call."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
+from ms_xcomposer.config import VISION_GROUP
 from ms_xcomposer.memory import VisionLoad, VisionMemory, vit_activation
 from ms_xcomposer.models.xcomposer2.config import XComposerConfig
 from ms_xcomposer.models.xcomposer2.info import variant_name
@@ -21,7 +23,8 @@ def grid_load(config: XComposerConfig, grids: Sequence[Grid], c: int) -> VisionL
     """The images of these HD grids: their rows together, the largest one's vision peak."""
     vit = config.vision
     activation = max((vit_activation(1 + (g[0] * g[1] if g is not None else 0), vit.num_attention_heads,
-                                     vit.num_positions, vit.intermediate_size, vit.hidden_size, c) for g in grids),
+                                     vit.num_positions, vit.intermediate_size, vit.hidden_size, c, group=VISION_GROUP)
+                      for g in grids),
                      default=0)
     return VisionLoad(sum(image_rows(config, g) for g in grids), activation)
 

@@ -5,9 +5,11 @@ Module tree (= HF state-dict keys): `vit.vision_tower.vision_model.*`, `vision_p
 
 The language model runs on the generic engine (`ms_xcomposer.engine.CausalLM`): this family's extras are
 `im_mask` (per token: PLoRA applies on image rows) and `infer_mode` (IXC-2.5's task adapters), which become
-the engine's per-token mask and the flags (use_plora, infer_mode). Its own compiled piece is `_VisionEncode`:
-ViT over the global view + tiles, 2x2 merge, separator layout, projector; static shapes, one graph per tile
-grid (h, w).
+the engine's per-token mask and the flags (use_plora, infer_mode). Its image path: the ViT over the global view
++ tiles in groups of `vision_group` views (`_ViTGroup`, the view count dynamic), the 2x2 merge and separator
+layout (`hd_layout`, eager: data movement only), the projector (`_VisionProject`, the row count dynamic). So
+GRAPH mode compiles two vision graphs whatever the tile grids, and the vision tower's activations are those of
+one group of views, whatever hd_num.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ms_xcomposer.config import VISION_GROUP
 from ms_xcomposer.engine import CausalLM, GraphPiece
 from ms_xcomposer.generation import GenerationConfig
 from ms_xcomposer.images import global_view, split_tiles, tile_grid
@@ -27,34 +30,44 @@ from ms_xcomposer.models.projector import MLPProjector
 from ms_xcomposer.models.xcomposer2.config import INFER_MODES, XComposerConfig
 
 
-class _VisionEncode(GraphPiece):
-    """[1 + h*w, 3, t, t] views -> [1, N, hidden] image embeddings (HD layout when the variant tiles)."""
+class _ViTGroup(GraphPiece):
+    """A group of views [n, 3, t, t] -> ViT features [n, g*g, C]. The view count is a dynamic dimension, so one
+    graph serves every group of every image (the last group of an image is smaller)."""
 
-    def __init__(self, owner, grid_h: int, grid_w: int, project: bool = True):
+    def __init__(self, owner):
         super().__init__(owner)
-        self.grid_h, self.grid_w, self.project = grid_h, grid_w, project
-        self.hd = owner.config.spec.hd_tiles
-        self.g = owner.config.vision.grid
+        t = owner.config.tile_size
+        self.set_inputs(Tensor(shape=[None, 3, t, t], dtype=owner.compute_dtype))
 
     def construct(self, views):
-        feats = self.owner.vit(views)  # [n, g*g, C]
-        if self.hd:
-            feats = self._hd_layout(feats)
-        if self.project:
-            return self.owner.vision_proj(feats)
-        return feats
+        return self.owner.vit(views)
 
-    def _hd_layout(self, feats):
-        n, _, c = feats.shape
-        m, h, w = self.g // 2, self.grid_h, self.grid_w
-        # 2x2 merge: [n, g, g, C] -> [n, m, m, 4C], channels ordered (row offset, column offset, C).
-        merged = feats.reshape(n, m, 2, m, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, m, m, 4 * c)
-        sub_gn = self.owner.plora_sub_GN.astype(feats.dtype)
-        glb_gn = self.owner.plora_glb_GN.astype(feats.dtype)
-        glb = ops.cat((merged[:1], ops.broadcast_to(sub_gn, (1, m, 1, 4 * c))), 2).reshape(1, -1, 4 * c)
-        tiles = merged[1:].reshape(1, h, w, m, m, 4 * c).transpose(0, 1, 3, 2, 4, 5).reshape(1, h * m, w * m, 4 * c)
-        tiles = ops.cat((tiles, ops.broadcast_to(sub_gn, (1, h * m, 1, 4 * c))), 2).reshape(1, -1, 4 * c)
-        return ops.cat((glb, glb_gn, tiles), 1)
+
+class _VisionProject(GraphPiece):
+    """Image tokens [1, N, proj_in] -> [1, N, hidden]; N dynamic, so one graph serves every tile grid."""
+
+    def __init__(self, owner):
+        super().__init__(owner)
+        self.set_inputs(Tensor(shape=[1, None, owner.config.proj_in], dtype=owner.compute_dtype))
+
+    def construct(self, tokens):
+        return self.owner.vision_proj(tokens)
+
+
+def hd_layout(feats: Tensor, grid_h: int, grid_w: int, sub_gn: Tensor, glb_gn: Tensor) -> Tensor:
+    """ViT features [1 + h*w, g*g, C] of the global view and the tiles -> the HD image tokens [1, N, 4C]: each
+    view 2x2-merged to [m, m, 4C] (channels ordered row offset, column offset, C), the global view's rows then
+    `glb_gn`, then the tiles as one (h*m) x (w*m) grid; every row of both grids ends with `sub_gn`.
+
+    Only reshapes, transposes and concatenations (exact); run eagerly, so no graph is compiled per grid."""
+    n, gg, c = feats.shape
+    m, h, w = int(round(gg ** 0.5)) // 2, grid_h, grid_w
+    merged = feats.reshape(n, m, 2, m, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, m, m, 4 * c)
+    sub_gn, glb_gn = sub_gn.astype(feats.dtype), glb_gn.astype(feats.dtype)
+    glb = ops.cat((merged[:1], ops.broadcast_to(sub_gn, (1, m, 1, 4 * c))), 2).reshape(1, -1, 4 * c)
+    tiles = merged[1:].reshape(1, h, w, m, m, 4 * c).transpose(0, 1, 3, 2, 4, 5).reshape(1, h * m, w * m, 4 * c)
+    tiles = ops.cat((tiles, ops.broadcast_to(sub_gn, (1, h * m, 1, 4 * c))), 2).reshape(1, -1, 4 * c)
+    return ops.cat((glb, glb_gn, tiles), 1)
 
 
 # The official `model.chat`'s own decoding defaults (sampling, top_p 0.8, repetition penalty 1.005); the
@@ -73,6 +86,7 @@ class XComposer2ForCausalLM(CausalLM):
     """
 
     per_token_extras = ("im_mask",)
+    vision_group: int = VISION_GROUP  # views per vision-tower call; an instance may set its own
 
     def __init__(self, config: XComposerConfig, dtype=ms.float32, compute_dtype=None):
         super().__init__(compute_dtype)
@@ -132,8 +146,16 @@ class XComposer2ForCausalLM(CausalLM):
             raise TypeError("encode_img takes normalised float pixels [1, 3, H, W]; preprocess paths and PIL "
                             "images with the processor (XComposer2Processor.preprocess)")
         views, grid_h, grid_w = self.vit_views(pixels)
-        piece = self._piece(("vision", grid_h, grid_w, project), lambda: _VisionEncode(self, grid_h, grid_w, project))
-        return piece(Tensor(views).astype(self.compute_dtype))
+        vit = self._piece(("vit",), lambda: _ViTGroup(self))
+        size = max(1, int(self.vision_group))
+        groups = [vit(Tensor(views[a:a + size]).astype(self.compute_dtype)) for a in range(0, len(views), size)]
+        feats = groups[0] if len(groups) == 1 else ops.cat(groups, 0)
+        del groups
+        if self.config.spec.hd_tiles:
+            feats = hd_layout(feats, grid_h, grid_w, self.plora_sub_GN, self.plora_glb_GN)
+        if not project:
+            return feats
+        return self._piece(("vision_proj",), lambda: _VisionProject(self))(feats)
 
     # ---- chat (the official methods; the work is in the processor and ms_xcomposer.conversation) ---------
     def chat(self, tokenizer, query: str, image=None, history=(), streamer=None, **kwargs):
