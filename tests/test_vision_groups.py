@@ -53,13 +53,17 @@ def test_grouped_equals_all_at_once(model, grid):
 
 
 def test_vision_graphs_do_not_grow_with_views(model):
-    """Every image, every grid, every group size: the one tower graph and the one projector graph in GRAPH
-    mode (PyNative compiles none)."""
+    """Every image, every grid, every group size: the same tower and projector graphs in GRAPH mode (PyNative
+    compiles none). Measured: in a process that compiled other models first (test_model_golden before this
+    module), MindSpore 2.10 keys a call of one view apart from the dynamic signature and compiles the tower once
+    more (its phase key changes, the graph is the same); alone it does not. So the warm-up runs a 1-view group
+    and a multi-view group, and from then on nothing may compile."""
     mode, m = model
-    graphs = 2 if mode == "graph" else 0
+    _encode(m, IMAGES[(1, 1)], 1)
     _encode(m, IMAGES[(1, 1)], 2)
-    assert m.compiled_graphs() == graphs
+    graphs = m.compiled_graphs()
+    assert (2 <= graphs <= 3) if mode == "graph" else graphs == 0
     for grid, pixels in IMAGES.items():
-        for group in (2, 4):
+        for group in (1, 2, 4):
             _encode(m, pixels, group)
     assert m.compiled_graphs() == graphs
