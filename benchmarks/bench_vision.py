@@ -213,8 +213,9 @@ def run_memory(layers: int, write: bool) -> int:
                            "image tokens", "graphs compiled (tower, projector)"], rows)
     ok = results[VISION_GROUP]["rise"] < results[views]["rise"]
     layers_note = "" if layers == 24 else (
-        f" Measured with {layers} of the tower's 24 layers (the run at 24 takes about 12x as long): the layers run "
-        "one after the other on activations of the same shapes, so the peak is one layer's; not checked at 24 here.")
+        f" Measured with {layers} of the tower's 24 layers (the run at 24 takes about 12x as long). The GRAPH peak "
+        "grows with the layer count: one run of the grouped row at 24 layers (2026-12-07, load average 1.6-6.5) "
+        "rose 4.97 GB (419 s); all views at once at 24 layers was not run (above the 13.3 GB it needs at 2 layers).")
     body = f"""## Vision memory at hd_num 24 (`python benchmarks/bench_vision.py --memory`)
 
 One `encode_img` of an IXC-2.5 image at hd_num 24 ({MEMORY_GRID[0]} x {MEMORY_GRID[1]} tiles + the global view =

@@ -23,8 +23,9 @@ PREFILL_CHUNK = 256
 MAX_PREFILL_TOKENS = 128
 
 # Views of one image per vision-tower call (XComposer2ForCausalLM.vision_group): the tower's activations are
-# those of one group whatever hd_num (hd_num 24, 25 CLIP-L/560 views, fp32: 13.3 GB above the model at once,
-# 2.05 GB in groups of 4; docs/performance.md, vision_memory), and the last group of an image is smaller (the
+# those of one group whatever hd_num (hd_num 24, 25 CLIP-L/560 views, fp32, 2 tower layers: 13.3 GB above the
+# model at once, 2.05 GB in groups of 4; 4.97 GB in groups of 4 with all 24 layers; docs/performance.md,
+# vision_memory), and the last group of an image is smaller (the
 # view count is a dynamic dimension: one compiled graph).
 VISION_GROUP = 4
 

@@ -33,7 +33,8 @@ The two copy factors were measured on this CPU (MindSpore 2.10, tiny IXC-2.5, Py
 one call above the RSS before it): the attention at S = 2048 and 4096 took 4.2 (PyNative) to 6.3 (GRAPH,
 S = 2048) score-sized copies; the vision tower 2 to 3 (5 and 9 views). Issue 10 measured 3.4 to 5 copies at
 full width. Vision at full width (CLIP-L/560, hd_num 24 = 25 views, fp32, GRAPH, 2 tower layers): 13.3 GB with
-all views at once (this formula without groups: 13.6 GB), 2.05 GB in groups of 4 (this formula: 2.51 GB).
+all views at once (this formula without groups: 13.6 GB), 2.05 GB in groups of 4 (this formula: 2.51 GB); with
+all 24 layers, in groups of 4: 4.97 GB (GRAPH keeps more as layers are added): this term undercounts it ~2x.
 `tests/test_memory.py` checks the estimate against a measured peak RSS (measured / estimated between 1/2 and
 1.5; PyNative measures below the estimate, GRAPH above it).
 """
