@@ -30,6 +30,7 @@ FAMILY = Family(
     components=info.COMPONENTS,
     component_of=info.component,
     describe=info.describe,
+    parity="ms_xcomposer.models.internvl.parity:compare_loaded",
 )
 
 _LAZY = {"InternVLChatModel": "modeling", "InternVLProcessor": "processor"}
