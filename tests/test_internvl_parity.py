@@ -12,6 +12,7 @@ test_internvl_reference.py).
   float32 rounding ~700x. Measured (image_wide, 1830 rows): the PyTorch reference in float32 is itself 1.2e-3
   (layer 1) / 2.7e-3 (logits) from its float64 run, MindSpore 7.2e-4 / 1.6e-3 (closer to exact than the
   reference). They are bounded as test_internvl_family bounds them: twice the golden's measured fp32 spread.
+  A text-only prompt on the golden directory passes every stage through the CLI (logits 1.1e-4 max abs).
 """
 import json
 import os
@@ -97,3 +98,9 @@ def test_golden_directory(tmp_path):
         assert report.stage(name).max_abs <= 2 * GOLDEN_FP32_SPREAD, report.format_table()
     with pytest.raises(ValueError, match=r"parity options \['hd_num'\] do not apply to the internvl family"):
         run_parity(os.path.join(DATA, "hf"), images=[SMALL], steps=1, hd_num=4)
+
+
+def test_cli_golden_text_only_passes():
+    run = run_cli("parity", os.path.join(DATA, "hf"), "--query", "Hello, who are you?", "--steps", "2")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"parity: all {len(LLM_STAGES)} stages pass" in run.stdout and "prompt 39 rows (0 image)" in run.stdout
