@@ -164,8 +164,7 @@ class ReferenceInternVL(nn.Module):
         """Every stage of the official `extract_feature` on pixel_values [T, 3, S, S] (torch or numpy):
         `hidden_states` (embeddings, then each vision layer), `selected` (hidden state `select_layer`),
         `shuffled` (pixel shuffle, CLS dropped: mlp1's input [T, n, 4C]) and `vit_embeds` [T, n, hidden]."""
-        pixels = torch.as_tensor(np.asarray(pixel_values) if not isinstance(pixel_values, torch.Tensor)
-                                 else pixel_values).to(self.dtype)
+        pixels = torch.as_tensor(pixel_values).to(self.dtype)
         states = self.vision_model.hidden_states(pixels)
         selected = states[self.config.select_layer]
         shuffled = shuffled_tokens(selected, self.config.ps_version)
