@@ -25,14 +25,14 @@ is compared with `--reference`.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from mindspore import Tensor
 
-from ms_xcomposer.parity import (ParityError, ParityReport, ParityRequest, StageResult, call_with_layer_outputs,
-                                 compare, compare_tokens, greedy_margins, mode_name, remote_code_files,
-                                 tolerance_key)
+from ms_xcomposer.parity import (ParityError, ParityReport, ParityRequest, StageResult, TorchRerun,
+                                 call_with_layer_outputs, compare, compare_tokens, greedy_margins, mode_name,
+                                 remote_code_files, tolerance_key, torch_numpy)
 
 
 def image_stage_names(num_layers_run: int) -> List[str]:
@@ -62,11 +62,37 @@ class InternVLTorchSide:
         per_image = [load_image(path, max_num, size) for path in images]
         return self.torch.cat(per_image), [int(p.shape[0]) for p in per_image]
 
-    def prefill(self, embeds):
-        """(each decoder layer's output [1, S, hidden], logits [1, S, vocab]) as float32 numpy."""
+    def stages(self, images: Sequence[str], max_num: int, ids: Sequence[int], img_context_token_id: int,
+               keep: Optional[Sequence[str]] = None):
+        """Every numeric stage ({name: numpy}, only `keep`'s when given) of the prompt `ids` with `images`, end to
+        end in the model's current dtype, and the prompt's embeddings (torch)."""
+        out: Dict[str, object] = {}
+        vit = None
+        if images:
+            pixels, _ = self.pixels(images, max_num)
+            pt = self.model.image_stages(pixels)
+            names = image_stage_names(len(pt["hidden_states"]) - 1)
+            out["pixels"] = pixels
+            out.update(zip(names[1:-2], pt["hidden_states"]))
+            out.update({"pixel shuffle": pt["shuffled"], "mlp1": pt["vit_embeds"]})
+            vit = pt["vit_embeds"]
+        embeds = self.model.splice(ids, vit, img_context_token_id)
+        out["embeddings"] = embeds
         lm = self.model.language_model
-        layers, out = call_with_layer_outputs(lm.model.layers, lambda: lm(inputs_embeds=embeds))
-        return layers, out.logits.float().numpy()
+        layers, logits = call_with_layer_outputs(lm.model.layers, lambda: lm(inputs_embeds=embeds))
+        out.update((f"layer {i}", h) for i, h in enumerate(layers))
+        out["logits"] = logits.logits
+        wanted = out if keep is None else {k: out[k] for k in keep if k in out}
+        return {k: v if isinstance(v, np.ndarray) else torch_numpy(v) for k, v in wanted.items()}, embeds
+
+    def rerun(self, images: Sequence[str], max_num: int, ids: Sequence[int], img_context_token_id: int) -> TorchRerun:
+        """The same stages in another dtype (the model converted in place; see `TorchRerun`)."""
+
+        def run(dtype: str, keep: Sequence[str]):
+            self.model.to(getattr(self.torch, dtype))
+            return self.stages(images, max_num, ids, img_context_token_id, keep)[0]
+
+        return TorchRerun(sum(p.numel() for p in self.model.parameters()), run)
 
     def greedy(self, embeds, steps: int, eos: Sequence[int]):
         """Greedy new tokens and each step's top-1 - top-2 margin."""
@@ -80,7 +106,8 @@ class InternVLTorchSide:
 
 def compare_loaded(ms_model, processor, request: ParityRequest) -> ParityReport:
     """The family's parity hook: the reference of `request.hf_dir` against the loaded `ms_model` and its
-    `processor`, stage by stage (see the module doc)."""
+    `processor`, stage by stage (see the module doc). The report carries the reference's rerun in another dtype
+    (`ms_xcomposer.parity.rejudge_against_float64`)."""
     from ms_xcomposer.generation import GenerationConfig, generate
     from ms_xcomposer.models.internvl.processor import DEFAULT_MAX_NUM, InternVLProcessor
     from ms_xcomposer.models.internvl.projector import vit_tokens
@@ -99,38 +126,35 @@ def compare_loaded(ms_model, processor, request: ParityRequest) -> ParityReport:
     images = list(request.images)
     stages: List[StageResult] = []
 
-    ours = processor.prepare(ms_model, request.query, images, max_num=max_num)
-    pt_vit = None
-    if images:
-        pixels = np.concatenate([processor.load_image(p, max_num) for p in images])
-        pt_pixels, pt_tiles = torch_side.pixels(images, max_num)
-        stages.append(compare("pixels", pixels, pt_pixels, key))
-        pt = ref.image_stages(pt_pixels)
-        x = Tensor(pixels).astype(ms_model.compute_dtype)
-        selected, states = ms_model.vision_model.encode(x, output_hidden_states=True)
-        names = image_stage_names(len(states) - 1)
-        for name, ms_h, pt_h in zip(names[1:], states, pt["hidden_states"]):
-            stages.append(compare(name, ms_h, pt_h, key))
-        cfg = ms_model.config
-        stages.append(compare("pixel shuffle", vit_tokens(selected, cfg.downsample_ratio, cfg.ps_version),
-                              pt["shuffled"], key))
-        stages.append(compare("mlp1", ms_model.extract_feature(pixels), pt["vit_embeds"], key))
-        pt_vit = pt["vit_embeds"]
-    else:
-        pt_tiles = []
-
+    # the PyTorch side's prompt, from its own tile counts
+    pt_tiles = [int(torch_side.pixels([p], max_num)[1][0]) for p in images]
     tokenizer = InternLM2Tokenizer.from_pretrained(request.hf_dir)
     pt_processor = InternVLProcessor(tokenizer, ref.config)
     pt_ids = tokenizer.encode(pt_processor.build_prompt(request.query, pt_tiles), add_bos=True)
+    context_id = pt_processor.img_context_token_id
+    pt, pt_embeds = torch_side.stages(images, max_num, pt_ids, context_id)
+
+    ours = processor.prepare(ms_model, request.query, images, max_num=max_num)
+    if images:
+        pixels = np.concatenate([processor.load_image(p, max_num) for p in images])
+        stages.append(compare("pixels", pixels, pt["pixels"], key))
+        x = Tensor(pixels).astype(ms_model.compute_dtype)
+        selected, states = ms_model.vision_model.encode(x, output_hidden_states=True)
+        names = image_stage_names(len(states) - 1)
+        for name, ms_h in zip(names[1:-2], states):
+            stages.append(compare(name, ms_h, pt[name], key))
+        cfg = ms_model.config
+        stages.append(compare("pixel shuffle", vit_tokens(selected, cfg.downsample_ratio, cfg.ps_version),
+                              pt["pixel shuffle"], key))
+        stages.append(compare("mlp1", ms_model.extract_feature(pixels), pt["mlp1"], key))
+
     stages.append(compare_tokens(ours.input_ids, pt_ids, stage="prompt ids"))
-    pt_embeds = ref.splice(pt_ids, pt_vit, pt_processor.img_context_token_id)
     embeds = ours.inputs_embeds
-    stages.append(compare("embeddings", embeds, pt_embeds, key))
+    stages.append(compare("embeddings", embeds, pt["embeddings"], key))
     out = ms_model(inputs_embeds=embeds, output_hidden_states=True)
-    pt_layers, pt_logits = torch_side.prefill(pt_embeds)
-    for i, (ms_h, pt_h) in enumerate(zip(out.hidden_states[1:], pt_layers)):
-        stages.append(compare(f"layer {i}", ms_h, pt_h, key))
-    stages.append(compare("logits", out.logits, pt_logits, key))
+    for i, ms_h in enumerate(out.hidden_states[1:]):
+        stages.append(compare(f"layer {i}", ms_h, pt[f"layer {i}"], key))
+    stages.append(compare("logits", out.logits, pt["logits"], key))
 
     eos = list(processor.eos_token_ids)
     gen = GenerationConfig(max_new_tokens=request.steps, do_sample=False, repetition_penalty=1.0, eos_token_id=eos)
@@ -144,6 +168,7 @@ def compare_loaded(ms_model, processor, request: ParityRequest) -> ParityReport:
                 "tiles": list(ours.image_tiles), "prompt_length": int(ids.size),
                 "image_tokens": int((ids == processor.img_context_token_id).sum())},
         tokens={"mindspore": list(ms_tokens), "pytorch": list(pt_tokens)},
+        rerun=torch_side.rerun(images, max_num, pt_ids, context_id),
     )
 
 
