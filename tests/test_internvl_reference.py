@@ -3,9 +3,14 @@ case (the official v1.5.1 code on a tiny random model, tests/data/internvl15_tin
 
 Before it judges the MindSpore port on what the golden case does not cover, it must reproduce the golden case:
 pixels to 1e-6, every vision stage and vit_embeds within the fp32 row, the language model on the golden prefill
-within the fp32 row, the end-to-end prompt logits within twice the golden's measured fp32 spread (see
-test_internvl_family.py for why: this model amplifies 1e-6 image-row differences ~700x), greedy ids exact.
-Measured: pixels 0, vision stages <= 2.4e-6, prompt logits end to end 1.7e-3 (|logits| up to 38).
+within the fp32 row, the spliced prompt embeddings (all rows) within the fp32 row of the golden prefill, and end to
+end every row's argmax and the greedy ids exact. Measured: pixels 0, vision stages <= 2.4e-6.
+
+The end-to-end prompt logits themselves are not bounded here: this model amplifies 1e-6 image-row differences
+~700x (the golden's own fp32 logits are 1.4e-3 from float64, CASE.md), and the float64 rule that judges such a
+stage (`tolerances.judge`) takes its exact answer from this reference, so it cannot judge the reference itself.
+What enters that stage (the spliced embeddings) and the language model that maps it (on the golden prefill) are
+each judged against the golden by the fp32 row.
 """
 import json
 import os
@@ -20,13 +25,11 @@ from ms_xcomposer.reference import ReferenceInternVL  # noqa: E402
 from ms_xcomposer.reference.internvit import pixel_shuffle  # noqa: E402
 from ms_xcomposer.reference.internvl import load_image, tile_grid  # noqa: E402
 from ms_xcomposer.tokenizer import InternLM2Tokenizer  # noqa: E402
-from ms_xcomposer.tolerances import metrics  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "internvl15_tiny")
 HF = os.path.join(DATA, "hf")
 FP32 = ("float32", "float32")
-GOLDEN_FP32_SPREAD = 1.4e-3  # CASE.md: prompt logits, official fp32 vs its float64 run
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +86,9 @@ def test_end_to_end_logits_and_greedy_ids(ref, stages, golden):
     embeds = ref.splice(ids, stages["vit_embeds"], tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
     image = golden["chat_a_input_ids"] == 92546
     assert np.array_equal(embeds[0, ~image].numpy(), golden["chat_a_prefill_inputs_embeds"][~image])
+    assert_close(embeds[0], golden["chat_a_prefill_inputs_embeds"], FP32, "spliced embeddings (image rows in order)")
     with torch.no_grad():
         logits = ref.language_model(inputs_embeds=embeds).logits[0]
-    max_abs, _, _ = metrics(logits[:, golden["logits_subset_ids"]], golden["prompt_a_logits_subset"], FP32)
-    assert max_abs <= 2 * GOLDEN_FP32_SPREAD, f"end-to-end prompt logits differ by {max_abs:.3e}"
     assert np.array_equal(logits.argmax(-1).numpy(), golden["prompt_a_logits_argmax_full"])
     new = ref.generate(embeds, do_sample=False, num_beams=1, max_new_tokens=12, eos_token_id=92542, pad_token_id=2)
     assert new == [golden["chat_a_generated_ids"].tolist()]

@@ -25,7 +25,7 @@ from ms_xcomposer.generation import GenerationConfig, generate  # noqa: E402
 from ms_xcomposer.models.internvl.modeling import InternVLChatModel  # noqa: E402
 from ms_xcomposer.reference import ReferenceInternVL  # noqa: E402
 from ms_xcomposer.reference.internvl import load_image as reference_load_image  # noqa: E402
-from tolerances import assert_close  # noqa: E402
+from tolerances import assert_close, assert_judged  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "internvl15_tiny")
 SMALL, WIDE = os.path.join(DATA, "image_small.png"), os.path.join(DATA, "image_wide.png")
@@ -196,8 +196,9 @@ def test_half_precision_storage(hf_dir, tmp_path_factory, storage, mode):
     each decoder layer and (bf16) the logits.
 
     fp16 logits: PyTorch's own fp16 run of this model is 8.4e-2 from its fp32 run at logits of RMS 3 (1.1x the
-    fp16 row; the row was measured on models with smaller logits), MindSpore 8.7e-2. The fp16 logits must be no
-    further from fp32 than 1.25x PyTorch's own fp16 run (two independent fp16 roundings).
+    fp16 row; the row was measured on models with smaller logits), MindSpore 8.7e-2. They are judged as
+    `ms-xcomposer parity` judges a stage that misses its row (`tolerances.judge`): against the reference in
+    float64, no further from it than FLOAT64_FACTOR x the reference's own fp16 run.
     """
     from ms_xcomposer.models.internvl.processor import InternVLProcessor
     from ms_xcomposer.parity import call_with_layer_outputs
@@ -227,9 +228,10 @@ def test_half_precision_storage(hf_dir, tmp_path_factory, storage, mode):
     if storage == "bfloat16":
         assert_close(logits, expected.logits, key, f"prompt logits {storage} ({mode})")
         return
-    half = ReferenceInternVL.from_pretrained(base.state_dict(), base.config, dtype=torch.float16)
-    with torch.no_grad():
-        torch_fp16 = half.language_model(inputs_embeds=pt_embeds.half()).logits.float().numpy()
-    own = float(np.abs(torch_fp16 - expected.logits.numpy()).max())
-    ours = float(np.abs(logits - expected.logits.numpy()).max())
-    assert ours <= 1.25 * own, f"fp16 logits {ours:.3e} from fp32, PyTorch's own fp16 run {own:.3e} ({mode})"
+    runs = {}
+    for dtype in (torch.float64, torch.float16):
+        lm = ReferenceInternVL.from_pretrained(base.state_dict(), base.config, dtype=dtype).language_model
+        with torch.no_grad():
+            runs[dtype] = lm(inputs_embeds=pt_embeds.to(dtype)).logits.double().numpy()
+    assert_judged(logits, expected.logits, key, f"prompt logits {storage} ({mode})", exact=runs[torch.float64],
+                  reference=runs[torch.float16])
