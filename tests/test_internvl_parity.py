@@ -11,7 +11,8 @@ test_internvl_reference.py).
   layer 1 and the logits miss it, because the golden model's `wqkv` is drawn 4x sharp and amplifies float32
   rounding ~700x. The float64 rule (`tolerances.judge`) re-judges them against the reference run in float64:
   measured (image_wide, 1830 rows) PyTorch float32 is itself 1.2e-3 (layer 1) / 2.7e-3 (logits) from it,
-  MindSpore 7.2e-4 / 1.6e-3, so they pass as ill-conditioned and the CLI exits 0. Without the memory for the
+  MindSpore 7.2e-4 / 1.6e-3; image_small (294 rows) 4.0e-4 / 6.4e-4, MindSpore 4.1e-4 / 7.4e-4 (layer 1 within the
+  row of the float64 run, the logits ill-conditioned). So they pass and the CLI exits 0. Without the memory for the
   float64 rerun they keep the fp32 verdict; one decoder weight scaled by 1.01 on the MindSpore side fails
   layer 1 against float64 too. A text-only prompt passes every stage by the row (logits 1.1e-4 max abs).
 """
@@ -114,10 +115,11 @@ def test_golden_directory_is_ill_conditioned(golden_model, monkeypatch):
     assert report.passed, report.format_table()
     for name in ("layer 1", "logits"):
         stage = report.stage(name)
-        assert stage.rule == "ill-conditioned" and stage.float64["pytorch_dtype"] == "float32", report.format_table()
+        assert stage.rule in ("row vs float64", "ill-conditioned"), report.format_table()
+        assert stage.float64["pytorch_dtype"] == "float32"
         ours, theirs = stage.float64["mindspore"], stage.float64["pytorch"]
         assert 0 < ours <= FLOAT64_FACTOR * theirs and stage.max_abs > 0
-        assert f"ill-conditioned: PyTorch float32 itself is {theirs:.3g} from float64" in report.format_table()
+        assert f"PyTorch float32 itself is {theirs:.3g} from float64, MindSpore {ours:.3g}" in stage.note
     assert all(s.rule in ("row", "identical") for s in report.stages if s.stage not in ("layer 1", "logits"))
     text = compare_loaded(model, processor, ParityRequest(GOLDEN, (), "Hello, who are you?", steps=2))
     assert text.passed and all(s.rule in ("row", "identical") for s in text.stages), text.format_table()
