@@ -159,6 +159,33 @@ def test_report_logic():
     assert "FAIL" in report.format_table().splitlines()[2]
 
 
+def test_float64_rule():
+    """`tolerances.judge` on arrays whose distances are known: the row against the PyTorch run first; missing it,
+    the row against the float64 run, then FLOAT64_FACTOR x the reference's own distance from float64."""
+    from ms_xcomposer.tolerances import FLOAT64_FACTOR, judge
+
+    fp32, fp16 = ("float32", "float32"), ("float16", "float16")
+    exact = np.linspace(-3, 3, 64).reshape(8, 8)
+    torch32 = exact + 1e-3  # an ill-conditioned model: PyTorch fp32 itself is 1e-3 from exact (row: 1.3e-4 here)
+    assert judge(exact + 1e-5, exact, fp32, exact, torch32).rule == "row"
+    near = judge(torch32 + 5e-5, torch32, fp32)  # no float64 run: the row alone
+    assert near.passed and near.rule == "row" and near.ours is None
+    assert judge(exact + 2e-3, torch32, fp32).rule == "failed"
+    assert judge(exact + 5e-5, torch32, fp32, exact).rule == "row vs float64"
+    ill = judge(exact - 1.2e-3, torch32, fp32, exact)  # the reference defaults to the fp32 run compared
+    assert ill.passed and ill.rule == "ill-conditioned" and ill.reference_dtype == "float32"
+    assert np.isclose(ill.ours, 1.2e-3) and np.isclose(ill.reference, 1e-3)
+    assert "ill-conditioned: PyTorch float32 itself is 0.001 from float64, MindSpore 0.0012" in ill.explain()
+    far = judge(exact + 1e-3 * (FLOAT64_FACTOR + 0.1), torch32, fp32, exact)
+    assert not far.passed and far.rule == "failed" and "failed against float64 too" in far.explain()
+    # fp16 compute: the reference's own fp16 run is the measure, and it is required
+    torch16 = exact + 0.1
+    assert judge(exact - 0.12, torch32, fp16, exact, torch16).rule == "ill-conditioned"
+    assert judge(exact - 0.2, torch32, fp16, exact, torch16).rule == "failed"
+    with pytest.raises(ValueError, match="float16 compute needs the reference's own float16 run"):
+        judge(exact - 0.12, torch32, fp16, exact)
+
+
 @pytest.fixture(scope="module")
 def small_hf(tmp_path_factory) -> str:
     """A tiny random IXC-2.5 HF directory (hidden 64, 32-wide 1-layer ViT on 560 tiles) with the golden tokenizer:
