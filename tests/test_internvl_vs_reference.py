@@ -188,9 +188,15 @@ def test_sampling_is_seeded_and_inside_the_reference_support(loaded, ref):
             assert torch.isfinite(scores[0, token]), f"token {token} at step {step} is outside the support"
 
 
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    """The same checkpoint stored in bfloat16 (written once for both modes)."""
+    return write_hf_dir(str(tmp_path_factory.mktemp("bf16")), layernorm_v1_edit(256), dtype="bfloat16")
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("storage", ["bfloat16", "float16"])
-def test_half_precision_storage(hf_dir, tmp_path_factory, storage, mode):
+def test_half_precision_storage(hf_dir, bf16_dir, ref, storage, mode):
     """bf16-stored checkpoint (CPU upcasts it once at load: fp32 compute) and fp16 weights with fp16 compute,
     against the float32 reference on the same rounded weights, under the table's rows for those dtypes: vit_embeds,
     each decoder layer and (bf16) the logits.
@@ -204,23 +210,20 @@ def test_half_precision_storage(hf_dir, tmp_path_factory, storage, mode):
     from ms_xcomposer.parity import call_with_layer_outputs
 
     if storage == "bfloat16":
-        path = write_hf_dir(str(tmp_path_factory.mktemp("bf16")), layernorm_v1_edit(256), dtype="bfloat16")
-        key, kwargs = ("bfloat16", "float32"), {}
+        path, key, kwargs = bf16_dir, ("bfloat16", "float32"), {}
     else:
         path, key, kwargs = hf_dir, ("float16", "float16"), dict(dtype="float16", compute_dtype="float16")
-    dt = getattr(torch, storage)
-    base = ReferenceInternVL.from_pretrained(hf_dir)
-    rounded = {k: v.to(dt).float() for k, v in base.state_dict().items()}
-    ref = ReferenceInternVL.from_pretrained(rounded, base.config)
+    rounded = {k: v.to(getattr(torch, storage)).float() for k, v in ref.state_dict().items()}
+    rounded_ref = ReferenceInternVL.from_pretrained(rounded, ref.config)  # the weights MindSpore holds
     with mindspore_mode(mode):
         model = InternVLChatModel.from_pretrained(path, **kwargs)
         processor = InternVLProcessor.from_pretrained(path, model.config)
         inputs, embeds = ms_prompt(model, processor)
         vit = model.extract_feature(processor.load_image(SMALL))
         out = model(inputs_embeds=embeds, output_hidden_states=True)
-    assert_close(vit.float(), ref.extract_feature(processor.load_image(SMALL)), key, f"vit_embeds {storage} ({mode})")
+    assert_close(vit.float(), rounded_ref.extract_feature(processor.load_image(SMALL)), key, f"vit_embeds {storage} ({mode})")
     pt_embeds = torch.from_numpy(embeds.float().asnumpy())  # the same input: each decoder layer on its own
-    lm = ref.language_model
+    lm = rounded_ref.language_model
     layers, expected = call_with_layer_outputs(lm.model.layers, lambda: lm(inputs_embeds=pt_embeds))
     for i, (ours, theirs) in enumerate(zip(out.hidden_states[1:], layers)):
         assert_close(ours.float(), theirs, key, f"layer {i} {storage} ({mode})")
@@ -230,7 +233,7 @@ def test_half_precision_storage(hf_dir, tmp_path_factory, storage, mode):
         return
     runs = {}
     for dtype in (torch.float64, torch.float16):
-        lm = ReferenceInternVL.from_pretrained(base.state_dict(), base.config, dtype=dtype).language_model
+        lm = ReferenceInternVL.from_pretrained(rounded, ref.config, dtype=dtype).language_model
         with torch.no_grad():
             runs[dtype] = lm(inputs_embeds=pt_embeds.to(dtype)).logits.double().numpy()
     assert_judged(logits, expected.logits, key, f"prompt logits {storage} ({mode})", exact=runs[torch.float64],
