@@ -232,10 +232,18 @@ def available_memory() -> int:
 def rejudge_against_float64(report: ParityReport) -> None:
     """Re-judge every failed numeric stage of `report` against its PyTorch side run in float64
     (`tolerances.judge`), in place; a no-op when none failed or the hook has no `rerun`. When the estimated
-    memory (`float64_bytes`) exceeds what is available, the stages keep the fp32 verdict and their note says so."""
+    memory (`float64_bytes`) exceeds what is available, the stages keep the fp32 verdict and their note says so.
+    The stages' kept outputs are released either way."""
     failed = [s for s in report.stages if not s.passed and s.outputs is not None]
-    if not failed or report.rerun is None:
-        return
+    try:
+        if failed and report.rerun is not None:
+            _rejudge(report, failed)
+    finally:
+        for s in failed:
+            s.outputs = None
+
+
+def _rejudge(report: ParityReport, failed: Sequence[StageResult]) -> None:
     need, available = float64_bytes(report, failed), available_memory()
     if need > available:
         for s in failed:
@@ -252,13 +260,12 @@ def rejudge_against_float64(report: ParityReport) -> None:
             s.note = _join(s.note, f"float64 rerun failed ({type(e).__name__}: {e}); judged by the float32 "
                                    "comparison only")
         return
-    for s in failed:
+    for s in (s for s in failed if s.stage in exact):  # every numeric stage of the three families has one
         ours, theirs = s.outputs
         verdict = judge(ours, theirs, report.tolerance_key, exact[s.stage], own.get(s.stage))
         s.passed, s.rule = verdict.passed, verdict.rule
         s.float64 = {"mindspore": verdict.ours, "pytorch": verdict.reference, "pytorch_dtype": verdict.reference_dtype}
         s.note = _join(s.note, verdict.explain())
-        s.outputs = None
 
 
 def _join(*notes: str) -> str:
