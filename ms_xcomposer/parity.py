@@ -15,7 +15,11 @@ the hook has no parity.
 
 Tolerances come from `ms_xcomposer.tolerances`, keyed by (MindSpore weight dtype, compute dtype); a stage
 passes when every element is within atol + rtol x |expected| (allclose); max abs and relative Frobenius
-differences are reported beside the verdict.
+differences are reported beside the verdict. A stage that misses its row is re-judged against the PyTorch side
+run in float64 (`rejudge_against_float64`, the judge of `tolerances.judge`): a hook that can rerun its PyTorch
+side in another dtype attaches a `TorchRerun` to its report; `run_parity` reruns it only when a numeric stage
+failed, and only when the float64 copy fits in the available memory (otherwise the fp32 verdict stands and the
+note says why).
 
 Needs torch and transformers (`pip install 'ms-xcomposer[parity]'`). The library never prints and does not
 change the MindSpore mode: the caller picks it (`runtime.setup`), the report records it.
@@ -34,7 +38,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import mindspore as ms
 
 from ms_xcomposer import runtime
-from ms_xcomposer.tolerances import Key, metrics, tolerance
+from ms_xcomposer.tolerances import FLOAT64_FACTOR, Key, judge, tolerance
 
 DEFAULT_QUERY = "Describe this image."
 DEFAULT_STEPS = 8
@@ -72,7 +76,9 @@ class ParityRequest:
 class StageResult:
     """One compared stage; `tolerance` is (atol, rtol). For token stages (`greedy tokens`, `prompt ids`), max_abs
     is the number of differing positions, rel_frobenius their fraction, and the tolerance (0, 0): the ids must be
-    identical."""
+    identical. rule: which rule judged (`tolerances.Verdict.rule`; "identical" for ids); float64: after a
+    re-judgement, the max abs from the float64 run of MindSpore ("mindspore") and of the PyTorch side's own run
+    ("pytorch", in the dtype "pytorch_dtype")."""
 
     stage: str
     max_abs: float
@@ -80,9 +86,13 @@ class StageResult:
     tolerance: Tuple[float, float]
     passed: bool
     note: str = ""
+    rule: str = "row"
+    float64: Optional[Dict[str, object]] = None
+    # (MindSpore output, PyTorch output) of a failed numeric stage, kept for the float64 re-judgement only
+    outputs: Optional[Tuple[object, object]] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> Dict[str, object]:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k != "outputs"}
         d["tolerance"] = {"atol": self.tolerance[0], "rtol": self.tolerance[1]}
         for k in ("max_abs", "rel_frobenius"):  # JSON has no inf
             d[k] = None if not math.isfinite(d[k]) else d[k]
@@ -99,6 +109,8 @@ class ParityReport:
     mode: str
     inputs: Dict[str, object] = field(default_factory=dict)
     tokens: Dict[str, List[int]] = field(default_factory=dict)
+    # the PyTorch side's rerun in another dtype (None: the hook has none); not part of the report's data
+    rerun: Optional["TorchRerun"] = field(default=None, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -122,6 +134,7 @@ class ParityReport:
             "torch_side": self.torch_side, "mode": self.mode,
             "tolerance_key": {"weights": self.tolerance_key[0], "compute": self.tolerance_key[1]},
             "inputs": self.inputs, "tokens": self.tokens, "stages": [s.to_dict() for s in self.stages],
+            "float64_factor": FLOAT64_FACTOR,
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -133,17 +146,17 @@ class ParityReport:
             f.write(self.to_json() + "\n")
 
     def format_table(self) -> str:
-        """The stages as a fixed-width text table (stage, max abs, rel Frobenius, tolerance, result, note)."""
-        rows = [("stage", "max abs", "rel frob", "tolerance", "result", "note")]
+        """The stages as a fixed-width text table (stage, max abs, rel Frobenius, tolerance, result, rule, note)."""
+        rows = [("stage", "max abs", "rel frob", "tolerance", "result", "rule", "note")]
         for s in self.stages:
             if s.tolerance == (0.0, 0.0):  # token ids: identical or not
                 tol, diff, rel = "identical", f"{int(s.max_abs)} differ", f"{s.rel_frobenius:.2f}"
             else:
                 tol = f"{s.tolerance[0]:.0e} + {s.tolerance[1]:.0e}|e|"
                 diff, rel = f"{s.max_abs:.3e}", f"{s.rel_frobenius:.3e}"
-            rows.append((s.stage, diff, rel, tol, "pass" if s.passed else "FAIL", s.note))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else "") for r in rows]
+            rows.append((s.stage, diff, rel, tol, "pass" if s.passed else "FAIL", s.rule, s.note))
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + ("  " + r[6] if r[6] else "") for r in rows]
         return "\n".join(line.rstrip() for line in lines)
 
 
@@ -153,10 +166,11 @@ def compare(stage: str, actual, expected, key: Key, note: str = "") -> StageResu
     shapes.
     """
     try:
-        max_abs, rel, ratio = metrics(actual, expected, key)
+        verdict = judge(actual, expected, key)
     except ValueError as e:
-        return StageResult(stage, math.inf, math.inf, tolerance(key), False, _join(note, str(e)))
-    return StageResult(stage, max_abs, rel, tolerance(key), ratio <= 1.0, note)
+        return StageResult(stage, math.inf, math.inf, tolerance(key), False, _join(note, str(e)), rule="failed")
+    return StageResult(stage, verdict.max_abs, verdict.rel_frobenius, tolerance(key), verdict.passed, note,
+                       rule=verdict.rule, outputs=None if verdict.passed else (actual, expected))
 
 
 def compare_tokens(actual: Sequence[int], expected: Sequence[int], margins: Optional[Sequence[float]] = None,
@@ -180,7 +194,78 @@ def compare_tokens(actual: Sequence[int], expected: Sequence[int], margins: Opti
         if margins is not None and first < len(margins):
             note += f"; pytorch top-1 - top-2 logit margin there {margins[first]:.3g}"
     return StageResult(stage, float(len(differing)), len(differing) / n if n else 0.0, (0.0, 0.0),
-                       not differing, note)
+                       not differing, note, rule="identical")
+
+
+# ---- the float64 re-judgement ------------------------------------------------------------------------------------
+@dataclass
+class TorchRerun:
+    """A family's PyTorch side rerun end to end in another dtype on the same inputs.
+
+    run(dtype name, stage names) -> {stage: output} for those stages: converts the PyTorch model in place (so
+    "float64" must come before "float16"; the fp32 weights are exact in float64). parameters: the model's
+    parameter count (the memory check)."""
+
+    parameters: int
+    run: Callable[[str, Sequence[str]], Mapping[str, object]]
+
+
+def float64_bytes(report: ParityReport, stages: Sequence[StageResult]) -> int:
+    """Estimated memory the float64 rerun adds: the model's float32 -> float64 growth (4 bytes a parameter) and the
+    re-judged stages' float64 outputs twice (kept, plus the one being computed)."""
+    elements = sum(_elements(s.outputs[1]) for s in stages)
+    return 4 * report.rerun.parameters + 2 * 8 * elements
+
+
+def _elements(x) -> int:
+    numel = getattr(x, "numel", None)  # torch (size is a method there); numpy and MindSpore: size
+    return int(numel()) if callable(numel) else int(x.size)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (psutil)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def rejudge_against_float64(report: ParityReport) -> None:
+    """Re-judge every failed numeric stage of `report` against its PyTorch side run in float64
+    (`tolerances.judge`), in place; a no-op when none failed or the hook has no `rerun`. When the estimated
+    memory (`float64_bytes`) exceeds what is available, the stages keep the fp32 verdict and their note says so.
+    The stages' kept outputs are released either way."""
+    failed = [s for s in report.stages if not s.passed and s.outputs is not None]
+    try:
+        if failed and report.rerun is not None:
+            _rejudge(report, failed)
+    finally:
+        for s in failed:
+            s.outputs = None
+
+
+def _rejudge(report: ParityReport, failed: Sequence[StageResult]) -> None:
+    need, available = float64_bytes(report, failed), available_memory()
+    if need > available:
+        for s in failed:
+            s.note = _join(s.note, f"float64 rerun skipped: it needs about {need / 1e9:.1f} GB, "
+                                   f"{available / 1e9:.1f} GB available; judged by the float32 comparison only")
+        return
+    names = [s.stage for s in failed]
+    compute = report.tolerance_key[1]
+    try:  # the PyTorch side may be foreign code (trusted remote code) that does not run in float64
+        exact = report.rerun.run("float64", names)
+        own = report.rerun.run(compute, names) if compute != "float32" else {}
+    except (RuntimeError, TypeError, ValueError) as e:
+        for s in failed:
+            s.note = _join(s.note, f"float64 rerun failed ({type(e).__name__}: {e}); judged by the float32 "
+                                   "comparison only")
+        return
+    for s in (s for s in failed if s.stage in exact):  # every numeric stage of the three families has one
+        ours, theirs = s.outputs
+        verdict = judge(ours, theirs, report.tolerance_key, exact[s.stage], own.get(s.stage))
+        s.passed, s.rule = verdict.passed, verdict.rule
+        s.float64 = {"mindspore": verdict.ours, "pytorch": verdict.reference, "pytorch_dtype": verdict.reference_dtype}
+        s.note = _join(s.note, verdict.explain())
 
 
 def _join(*notes: str) -> str:
@@ -214,7 +299,7 @@ def first_tensor(value):
 def call_with_layer_outputs(layers: Sequence[object], fn: Callable[[], object]) -> Tuple[List[object], object]:
     """Call `fn()` without gradients, capturing the output of each torch module of `layers` (forward hooks).
 
-    Returns (the captured outputs as float32 numpy arrays, in call order; fn's result).
+    Returns (the captured outputs as numpy arrays (`torch_numpy`), in call order; fn's result).
     """
     import torch
 
@@ -222,7 +307,15 @@ def call_with_layer_outputs(layers: Sequence[object], fn: Callable[[], object]) 
     hooks = [(layer, "post", lambda m, a, k, out: outputs.append(first_tensor(out))) for layer in layers]
     with torch.no_grad(), forward_hooks(hooks):
         out = fn()
-    return [o.float().numpy() for o in outputs], out
+    return [torch_numpy(o) for o in outputs], out
+
+
+def torch_numpy(t) -> "np.ndarray":
+    """A torch tensor as numpy: float64 kept (the float64 rerun), every other float dtype as float32."""
+    import torch
+
+    t = t.detach()
+    return (t if t.dtype == torch.float64 else t.float()).numpy()
 
 
 def greedy_margins(scores: Sequence[object]) -> List[float]:
@@ -328,5 +421,6 @@ def run_parity(hf_dir: str, ms_dir: Optional[str] = None, images: Sequence[str] 
     request.refuse_options(family.name, getattr(hook, "options", ()))
     ms_model, processor = load(ms_dir or hf_dir, dtype=dtype)
     report = hook(ms_model, processor, request)
+    rejudge_against_float64(report)
     report.inputs.update(hf_dir=os.path.abspath(hf_dir), ms_dir=os.path.abspath(ms_dir or hf_dir))
     return report

@@ -103,6 +103,9 @@ def test_corrupted_layer_is_named(corrupted, tmp_path):
     before = ALL_STAGES[:ALL_STAGES.index("layer 1")]
     assert all(by_name[name]["passed"] for name in before)  # the image side and layer 0 are untouched
     assert by_name["layer 1"]["rel_frobenius"] > 1e-3 and not by_name["logits"]["passed"]
+    # re-judged against the reference's float64 run: still far (the rerun works for this family)
+    assert by_name["layer 1"]["rule"] == "failed" and by_name["layer 1"]["float64"]["pytorch_dtype"] == "float32"
+    assert by_name["layer 1"]["float64"]["mindspore"] > 1.5 * by_name["layer 1"]["float64"]["pytorch"]
 
 
 def test_text_only_prompt():
@@ -157,6 +160,33 @@ def test_report_logic():
     data = json.loads(report.to_json())
     assert data["first_failure"] == "layer 1" and data["stages"][2]["max_abs"] is None  # inf is not JSON
     assert "FAIL" in report.format_table().splitlines()[2]
+
+
+def test_float64_rule():
+    """`tolerances.judge` on arrays whose distances are known: the row against the PyTorch run first; missing it,
+    the row against the float64 run, then FLOAT64_FACTOR x the reference's own distance from float64."""
+    from ms_xcomposer.tolerances import FLOAT64_FACTOR, judge
+
+    fp32, fp16 = ("float32", "float32"), ("float16", "float16")
+    exact = np.linspace(-3, 3, 64).reshape(8, 8)
+    torch32 = exact + 1e-3  # an ill-conditioned model: PyTorch fp32 itself is 1e-3 from exact (row: 1.3e-4 here)
+    assert judge(exact + 1e-5, exact, fp32, exact, torch32).rule == "row"
+    near = judge(torch32 + 5e-5, torch32, fp32)  # no float64 run: the row alone
+    assert near.passed and near.rule == "row" and near.ours is None
+    assert judge(exact + 2e-3, torch32, fp32).rule == "failed"
+    assert judge(exact + 5e-5, torch32, fp32, exact).rule == "row vs float64"
+    ill = judge(exact - 1.2e-3, torch32, fp32, exact)  # the reference defaults to the fp32 run compared
+    assert ill.passed and ill.rule == "ill-conditioned" and ill.reference_dtype == "float32"
+    assert np.isclose(ill.ours, 1.2e-3) and np.isclose(ill.reference, 1e-3)
+    assert "ill-conditioned: PyTorch float32 itself is 0.001 from float64, MindSpore 0.0012" in ill.explain()
+    far = judge(exact + 1e-3 * (FLOAT64_FACTOR + 0.1), torch32, fp32, exact)
+    assert not far.passed and far.rule == "failed" and "failed against float64 too" in far.explain()
+    # fp16 compute: the reference's own fp16 run is the measure, and it is required
+    torch16 = exact + 0.1
+    assert judge(exact - 0.12, torch32, fp16, exact, torch16).rule == "ill-conditioned"
+    assert judge(exact - 0.2, torch32, fp16, exact, torch16).rule == "failed"
+    with pytest.raises(ValueError, match="float16 compute needs the reference's own float16 run"):
+        judge(exact - 0.12, torch32, fp16, exact)
 
 
 @pytest.fixture(scope="module")

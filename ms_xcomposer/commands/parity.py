@@ -16,7 +16,9 @@ EXAMPLES = """examples:
 Stages, in pipeline order, are the family's (docs/parity.md): the image side (XComposer2: pixels, vit input,
 vision tower, assembled tokens, projector per image; LLaVA: pixels, prompt ids, vision layer L, projector),
 then embeddings, layer 0 .. layer N-1, logits and greedy tokens. Each passes when every element is within the
-tolerance of (MindSpore weight dtype, compute dtype); ids must be identical. The PyTorch side: XComposer2, the
+tolerance of (MindSpore weight dtype, compute dtype); ids must be identical. A stage that misses it is
+re-judged against the PyTorch side rerun in float64 when that fits in memory (ill-conditioned models: see
+docs/parity.md); the rule column says which rule judged. The PyTorch side: XComposer2, the
 project's reference, or HF_DIR's own remote code (modeling_*.py) with --trust-remote-code (a directory with
 remote code is refused unless one of the two flags says which); LLaVA, transformers' LlavaForConditionalGeneration
 and LlavaProcessor. Exit 0 if every stage passes, 1 if one fails (the first diverging stage is named), 2 on bad

@@ -1,4 +1,4 @@
-"""Read an HF XComposer2 directory for the reference model: config, tensor shapes, tensors shard by shard.
+"""Read an HF directory for the reference models: config, tensor shapes, tensors shard by shard, loading.
 
 Safetensors shards are preferred; pickled `.bin` shards are read with `torch.load(weights_only=True)`, which
 rebuilds tensors only and never runs code from the file.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Tuple
 
 import torch
 
@@ -83,3 +83,38 @@ def read_config(path: str) -> XComposerConfig:
     if "ms_xcomposer" in hf_config:
         return XComposerConfig.from_dict(hf_config["ms_xcomposer"])
     return XComposerConfig.from_hf(hf_config, tensor_shapes(path))
+
+
+def load_state(model: torch.nn.Module, shards: Iterable[Mapping[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """Load every parameter of `model` (built on the meta device) from the {HF key: tensor} `shards`, cast to
+    `dtype`. Missing, unexpected or wrongly shaped keys raise ValueError; `rotary_emb.inv_freq` buffers are ignored;
+    `position_ids` buffers are rebuilt, any other meta buffer is an error."""
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    loaded, unexpected = set(), []
+    for shard in shards:
+        chunk = {}
+        for name, tensor in shard.items():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the config "
+                                 f"expects {expected[name]}")
+            chunk[name] = tensor.to(dtype=dtype, copy=True)  # the model owns its weights
+        model.load_state_dict(chunk, strict=False, assign=True)
+        loaded.update(chunk)
+    missing = sorted(set(expected) - loaded)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config: missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected "
+                         f"{sorted(unexpected)[:8]} ({len(unexpected)})")
+    for module in model.modules():  # non-persistent buffers built on the meta device
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if not buf.is_meta:
+                continue
+            if name != "position_ids":
+                raise ValueError(f"buffer {name} of {type(module).__name__} is not in the checkpoint")
+            module.register_buffer(name, torch.arange(buf.shape[-1]).expand(1, -1), persistent=False)
+

@@ -1,4 +1,5 @@
-"""InternLM2 decoder with PLoRA, in plain PyTorch (the reference side of parity checks).
+"""InternLM2 decoder with PLoRA (XComposer2) or without it (InternVL), in plain PyTorch (the reference side of
+parity checks).
 
 Module and parameter names follow the Hugging Face checkpoint (`model.layers.N.attention.wqkv.weight`, ...), so
 `load_state_dict` of an HF state dict needs no renaming. Everything is written from the facts in REFERENCE.md,
@@ -7,15 +8,28 @@ not from the official code, so it can judge the MindSpore port independently.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
-from ms_xcomposer.models.xcomposer2.config import INFER_MODES, PLoRAConfig, XComposerConfig
+from ms_xcomposer.config import LLMConfig
+from ms_xcomposer.models.xcomposer2.config import INFER_MODES, PLoRAConfig
 
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What the decoder is built from: the LLM config and the PLoRA of each linear (by name: wqkv, wo, w1, w2, w3;
+    a linear without an entry is plain, so an empty map is InternLM2 without PLoRA, as InternVL uses it) and the
+    IXC-2.5 task adapters. An `XComposerConfig` has the same fields and is used as it is."""
+
+    llm: LLMConfig
+    plora: Mapping[str, PLoRAConfig] = field(default_factory=dict)
+    task_adapters: Tuple[str, ...] = ()
+    task_adapter_rank: int = 256
 
 
 class RMSNorm(nn.Module):
@@ -60,6 +74,23 @@ class PLoRALinear(nn.Linear):
             lora = self.Plora_B(self.Plora_A(x)) * self.scale
             y = y + lora * im_mask.unsqueeze(-1).to(y.dtype)
         return y
+
+
+class PlainLinear(nn.Linear):
+    """Bias-free linear taking (and ignoring) PLoRA's im_mask: a decoder linear without PLoRA."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor, im_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def decoder_linear(cfg: DecoderSpec, name: str, in_features: int, out_features: int) -> nn.Module:
+    """Linear `name` of a decoder layer: a PLoRALinear when `cfg.plora` has it, a PlainLinear otherwise."""
+    if name not in cfg.plora:
+        return PlainLinear(in_features, out_features)
+    return PLoRALinear(in_features, out_features, cfg.plora[name], cfg.task_adapters, cfg.task_adapter_rank)
 
 
 # ---- rotary position embedding ---------------------------------------------------------------------------
@@ -132,7 +163,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class InternLM2Attention(nn.Module):
     """GQA attention with the fused `wqkv` in the grouped layout [kv_heads, G + 2, head_dim, hidden]."""
 
-    def __init__(self, cfg: XComposerConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: DecoderSpec, layer_idx: int) -> None:
         super().__init__()
         llm = cfg.llm
         self.layer_idx = layer_idx
@@ -140,9 +171,8 @@ class InternLM2Attention(nn.Module):
         self.kv_heads = llm.num_key_value_heads
         self.groups = self.heads // self.kv_heads
         self.head_dim = llm.head_dim
-        adapters = (cfg.task_adapters, cfg.task_adapter_rank)
-        self.wqkv = PLoRALinear(llm.hidden_size, llm.qkv_out, cfg.plora["wqkv"], *adapters)
-        self.wo = PLoRALinear(self.heads * self.head_dim, llm.hidden_size, cfg.plora["wo"], *adapters)
+        self.wqkv = decoder_linear(cfg, "wqkv", llm.hidden_size, llm.qkv_out)
+        self.wo = decoder_linear(cfg, "wo", self.heads * self.head_dim, llm.hidden_size)
         self.rotary_emb = RotaryEmbedding(self.head_dim, llm.rope_theta, llm.max_position_embeddings,
                                           llm.rope_scaling)
 
@@ -171,15 +201,14 @@ class InternLM2Attention(nn.Module):
 
 
 class InternLM2MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x), each linear a PLoRA linear."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), each linear a PLoRA linear (or plain without PLoRA)."""
 
-    def __init__(self, cfg: XComposerConfig) -> None:
+    def __init__(self, cfg: DecoderSpec) -> None:
         super().__init__()
         h, f = cfg.llm.hidden_size, cfg.llm.intermediate_size
-        adapters = (cfg.task_adapters, cfg.task_adapter_rank)
-        self.w1 = PLoRALinear(h, f, cfg.plora["w1"], *adapters)
-        self.w3 = PLoRALinear(h, f, cfg.plora["w3"], *adapters)
-        self.w2 = PLoRALinear(f, h, cfg.plora["w2"], *adapters)
+        self.w1 = decoder_linear(cfg, "w1", h, f)
+        self.w3 = decoder_linear(cfg, "w3", h, f)
+        self.w2 = decoder_linear(cfg, "w2", f, h)
 
     def forward(self, x: torch.Tensor, im_mask: Optional[torch.Tensor]) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x, im_mask)) * self.w3(x, im_mask), im_mask)
@@ -188,7 +217,7 @@ class InternLM2MLP(nn.Module):
 class InternLM2DecoderLayer(nn.Module):
     """Pre-norm block: x + attention(attention_norm(x)), then x + feed_forward(ffn_norm(x))."""
 
-    def __init__(self, cfg: XComposerConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: DecoderSpec, layer_idx: int) -> None:
         super().__init__()
         self.attention = InternLM2Attention(cfg, layer_idx)
         self.feed_forward = InternLM2MLP(cfg)
@@ -204,7 +233,7 @@ class InternLM2DecoderLayer(nn.Module):
 class InternLM2Model(nn.Module):
     """`model.*` of the checkpoint: tok_embeddings, layers, final norm."""
 
-    def __init__(self, cfg: XComposerConfig) -> None:
+    def __init__(self, cfg: DecoderSpec) -> None:
         super().__init__()
         llm = cfg.llm
         self.tok_embeddings = nn.Embedding(llm.vocab_size, llm.hidden_size)

@@ -31,6 +31,7 @@ FAMILY = Family(
     component_of=info.component,
     describe=info.describe,
     vision_memory="ms_xcomposer.models.internvl.memory:VISION_MEMORY",
+    parity="ms_xcomposer.models.internvl.parity:compare_loaded",
 )
 
 _LAZY = {"InternVLChatModel": "modeling", "InternVLProcessor": "processor"}

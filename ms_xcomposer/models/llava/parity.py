@@ -27,14 +27,14 @@ No options; no remote code (llava-hf checkpoints are transformers' own classes).
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from mindspore import Tensor
 
-from ms_xcomposer.parity import (ParityError, ParityReport, ParityRequest, StageResult, call_with_layer_outputs,
-                                 compare, compare_tokens, forward_hooks, greedy_margins, mode_name,
-                                 remote_code_files, tolerance_key)
+from ms_xcomposer.parity import (ParityError, ParityReport, ParityRequest, StageResult, TorchRerun,
+                                 call_with_layer_outputs, compare, compare_tokens, forward_hooks, greedy_margins,
+                                 mode_name, remote_code_files, tolerance_key, torch_numpy)
 
 
 class LlavaTorchSide:
@@ -94,7 +94,30 @@ class LlavaTorchSide:
             layers, out = call_with_layer_outputs(language_model.layers, lambda: self.model(**inputs))
         if captured[0] is None:
             raise ParityError("transformers' language model was not called with inputs_embeds: cannot capture them")
-        return captured[0].float().numpy(), layers, out.logits.float().numpy()
+        return torch_numpy(captured[0]), layers, torch_numpy(out.logits)
+
+    def stages(self, inputs: Dict[str, object], keep: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+        """Every numeric stage ({name: numpy}, only `keep`'s when given) of the processor's `inputs`, end to end
+        in the model's current dtype."""
+        out: Dict[str, object] = {}
+        if "pixel_values" in inputs:
+            out["pixels"] = inputs["pixel_values"]
+            pt = self.image_stages(inputs["pixel_values"])
+            out[f"vision layer {self.model.config.vision_feature_layer}"] = pt["selected"]
+            out["projector"] = pt["features"]
+        out["embeddings"], layers, out["logits"] = self.prefill(inputs)
+        out.update((f"layer {i}", h) for i, h in enumerate(layers))
+        wanted = out if keep is None else {k: out[k] for k in keep if k in out}
+        return {k: v if isinstance(v, np.ndarray) else torch_numpy(v) for k, v in wanted.items()}
+
+    def rerun(self, inputs: Dict[str, object]) -> TorchRerun:
+        """The same stages in another dtype (the model converted in place; see `TorchRerun`)."""
+
+        def run(dtype: str, keep: Sequence[str]):
+            self.model.to(getattr(self.torch, dtype))
+            return self.stages(inputs, keep)
+
+        return TorchRerun(sum(p.numel() for p in self.model.parameters()), run)
 
     def greedy(self, inputs: Dict[str, object], steps: int, eos: Sequence[int]):
         """Greedy new tokens (repetition penalty 1, stopping on `eos`) and each step's top-1 - top-2 margin."""
@@ -123,24 +146,23 @@ def compare_loaded(ms_model, processor, request: ParityRequest) -> ParityReport:
     ours = processor(images=images or None, text=text)
     theirs = torch_side.inputs(text, images)
     ids = ours["input_ids"]
+    pt = torch_side.stages(theirs)
     stages: List[StageResult] = []
     if images:
-        stages.append(compare("pixels", ours["pixel_values"], theirs["pixel_values"], key))
+        stages.append(compare("pixels", ours["pixel_values"], pt["pixels"], key))
     stages.append(compare_tokens(ids[0].tolist(), theirs["input_ids"][0].tolist(), stage="prompt ids"))
     if images:
         pixels = ours["pixel_values"]
-        pt = torch_side.image_stages(theirs["pixel_values"])
         selected, _ = ms_model.vision_tower(Tensor(pixels).astype(ms_model.compute_dtype))
-        layer = ms_model.config.vision_feature_layer
-        stages.append(compare(f"vision layer {layer}", selected, pt["selected"], key))
-        stages.append(compare("projector", ms_model.get_image_features(pixels), pt["features"], key))
+        name = f"vision layer {ms_model.config.vision_feature_layer}"
+        stages.append(compare(name, selected, pt[name], key))
+        stages.append(compare("projector", ms_model.get_image_features(pixels), pt["projector"], key))
     embeds = ms_model.get_inputs_embeds(ids.astype(np.int32), ours.get("pixel_values"))
-    pt_embeds, pt_layers, pt_logits = torch_side.prefill(theirs)
-    stages.append(compare("embeddings", embeds, pt_embeds, key))
+    stages.append(compare("embeddings", embeds, pt["embeddings"], key))
     out = ms_model(inputs_embeds=embeds, output_hidden_states=True)
-    for i, (ms_h, pt_h) in enumerate(zip(out.hidden_states[1:], pt_layers)):
-        stages.append(compare(f"layer {i}", ms_h, pt_h, key))
-    stages.append(compare("logits", out.logits, pt_logits, key))
+    for i, ms_h in enumerate(out.hidden_states[1:]):
+        stages.append(compare(f"layer {i}", ms_h, pt[f"layer {i}"], key))
+    stages.append(compare("logits", out.logits, pt["logits"], key))
 
     eos = list(processor.eos_token_ids)
     gen = GenerationConfig(max_new_tokens=request.steps, do_sample=False, repetition_penalty=1.0, eos_token_id=eos)
@@ -152,6 +174,7 @@ def compare_loaded(ms_model, processor, request: ParityRequest) -> ParityReport:
         inputs={"images": images, "query": request.query, "steps": request.steps, "prompt_length": int(ids.shape[1]),
                 "image_tokens": int((ids == ms_model.config.image_token_index).sum())},
         tokens={"mindspore": list(ms_tokens), "pytorch": list(pt_tokens)},
+        rerun=torch_side.rerun(theirs),
     )
 
 

@@ -33,9 +33,9 @@ import numpy as np
 from mindspore import Tensor
 
 from ms_xcomposer.parity import (DEFAULT_QUERY, DEFAULT_STEPS, ParityError, ParityReport, ParityRequest,
-                                 StageResult, call_with_layer_outputs, check_images_and_steps, compare,
+                                 StageResult, TorchRerun, call_with_layer_outputs, check_images_and_steps, compare,
                                  compare_tokens, first_tensor, forward_hooks, greedy_margins, mode_name,
-                                 remote_code_files, tolerance_key, uses_remote_code)
+                                 remote_code_files, tolerance_key, torch_numpy, uses_remote_code)
 
 IMAGE_STAGES = ("pixels", "vit input", "vision tower", "assembled tokens", "projector")
 
@@ -105,15 +105,54 @@ class TorchSide:
                 "vit_features": cat(got["vit_features"]), "assembled": got["assembled"][0],
                 "img_embeds": got["img_embeds"][0]}
 
+    def stages(self, images: Sequence[str], pixels: Sequence[np.ndarray], hd_num: int, pieces: Sequence[object],
+               tokenizer, keep: Optional[Sequence[str]] = None):
+        """Every numeric stage ({name: numpy}, only `keep`'s when given) of the prompt `pieces` with `images` (the
+        reference encodes the MindSpore side's `pixels`), end to end in the model's current dtype; and the
+        prompt's embeddings (torch) and image mask (numpy [1, S])."""
+        from ms_xcomposer.models.xcomposer2.prompt import ImageSlot
+
+        out: Dict[str, object] = {}
+        encoded = []
+        for i, (path, px) in enumerate(zip(images, pixels)):
+            pt = self.encode_image(path, px, hd_num)
+            suffix = image_suffix(i, len(images))
+            out.update((name + suffix, pt[k]) for name, k in zip(
+                IMAGE_STAGES, ("pixels", "vit_input", "vit_features", "assembled", "img_embeds")))
+            encoded.append(pt["img_embeds"])
+        parts, masks = [], []
+        for piece in pieces:
+            if isinstance(piece, ImageSlot):
+                parts.append(encoded[piece.index])
+            else:
+                ids = tokenizer.encode(piece.text, add_bos=piece.add_bos)
+                if not ids:
+                    continue
+                parts.append(self.embed(ids))
+            masks.append(np.full(int(parts[-1].shape[1]), isinstance(piece, ImageSlot)))
+        dtype = self.model.model.tok_embeddings.weight.dtype  # one dtype: remote code may give float32 images
+        embeds, mask = self.torch.cat([p.to(dtype) for p in parts], dim=1), np.concatenate(masks)[None]
+        out["embeddings"] = embeds
+        layers, result = run_with_layer_outputs(self.model, inputs_embeds=embeds, im_mask=self.torch.from_numpy(mask))
+        out.update((f"layer {i}", h) for i, h in enumerate(layers))
+        out["logits"] = result.logits
+        wanted = out if keep is None else {k: out[k] for k in keep if k in out}
+        return {k: v if isinstance(v, np.ndarray) else torch_numpy(v) for k, v in wanted.items()}, embeds, mask
+
+    def rerun(self, images: Sequence[str], pixels: Sequence[np.ndarray], hd_num: int, pieces: Sequence[object],
+              tokenizer) -> TorchRerun:
+        """The same stages in another dtype (the model converted in place; see `TorchRerun`)."""
+
+        def run(dtype: str, keep: Sequence[str]):
+            self.model.to(getattr(self.torch, dtype))
+            return self.stages(images, pixels, hd_num, pieces, tokenizer, keep)[0]
+
+        return TorchRerun(sum(p.numel() for p in self.model.parameters()), run)
+
     def embed(self, ids: Sequence[int]):
         """[1, n, hidden] token embeddings."""
         with self.torch.no_grad():
             return self.model.model.tok_embeddings(self.torch.tensor([list(ids)], dtype=self.torch.long))
-
-    def prefill(self, embeds, im_mask: np.ndarray) -> Tuple[List[np.ndarray], np.ndarray]:
-        """Each decoder layer's output [1, S, hidden] and the logits [1, S, vocab] (float32 numpy)."""
-        layers, out = run_with_layer_outputs(self.model, inputs_embeds=embeds, im_mask=self.torch.from_numpy(im_mask))
-        return layers, out.logits.float().numpy()
 
     def greedy(self, embeds, im_mask: np.ndarray, steps: int, eos: Sequence[int]) -> Tuple[List[int], List[float]]:
         """Greedy new tokens (repetition penalty 1, stopping on `eos`) and each step's top-1 - top-2 logit margin."""
@@ -174,12 +213,13 @@ def compare_models(ms_model, torch_side: TorchSide, tokenizer, images: Sequence[
     hd = effective_hd_num(cfg.spec, len(images), hd_num)
     pieces = build_chat_prompt(query, (), cfg.spec, len(images) if images else None)
     stages: List[StageResult] = []
+    all_pixels = [preprocess(path, cfg.spec, hd) for path in images]
+    pt_stages, pt_embeds, pt_mask = torch_side.stages(images, all_pixels, hd, pieces, tokenizer)
 
-    ms_images, pt_images = [], []
+    ms_images = []
     for i, path in enumerate(images):
-        suffix = f" (image {i + 1})" if len(images) > 1 else ""
-        pixels = preprocess(path, cfg.spec, hd)
-        pt = torch_side.encode_image(path, pixels, hd)
+        suffix = image_suffix(i, len(images))
+        pixels = all_pixels[i]
         views, _, _ = ms_model.vit_views(pixels)
         ms_stages = {
             "pixels": pixels,
@@ -191,35 +231,29 @@ def compare_models(ms_model, torch_side: TorchSide, tokenizer, images: Sequence[
         pixel_note = "" if torch_side.independent_pixels else (
             "same pixels fed to the PyTorch reference (it has no preprocessing of its own): not an independent check")
         for name, k in zip(IMAGE_STAGES, ("pixels", "vit_input", "vit_features", "assembled", "img_embeds")):
-            stages.append(compare(name + suffix, ms_stages[k], pt[k], key, pixel_note if k == "pixels" else ""))
+            stages.append(compare(name + suffix, ms_stages[k], pt_stages[name + suffix], key,
+                                  pixel_note if k == "pixels" else ""))
         ms_images.append(ms_stages["img_embeds"])
-        pt_images.append(pt["img_embeds"])
 
     # Each side builds its own prompt: if image token counts differ (e.g. another tile grid), its stages show it
     # as shape mismatches while the greedy tokens are still compared.
-    ms_parts, pt_parts, ms_masks, pt_masks = [], [], [], []
+    ms_parts, ms_masks = [], []
     for piece in pieces:
         if isinstance(piece, ImageSlot):
             ms_parts.append(ms_images[piece.index].asnumpy().astype(np.float32))
-            pt_parts.append(pt_images[piece.index].float())
         else:
             ids = tokenizer.encode(piece.text, add_bos=piece.add_bos)
             if not ids:
                 continue
             ms_parts.append(ms_model.embed_tokens(np.asarray([ids], np.int32)).asnumpy().astype(np.float32))
-            pt_parts.append(torch_side.embed(ids).float())
-        is_image = isinstance(piece, ImageSlot)
-        ms_masks.append(np.full(ms_parts[-1].shape[1], is_image))
-        pt_masks.append(np.full(int(pt_parts[-1].shape[1]), is_image))
+        ms_masks.append(np.full(ms_parts[-1].shape[1], isinstance(piece, ImageSlot)))
     ms_embeds, ms_mask = np.concatenate(ms_parts, axis=1), np.concatenate(ms_masks)[None]
-    pt_embeds, pt_mask = torch_side.torch.cat(pt_parts, dim=1), np.concatenate(pt_masks)[None]
-    stages.append(compare("embeddings", ms_embeds, pt_embeds, key))
+    stages.append(compare("embeddings", ms_embeds, pt_stages["embeddings"], key))
 
     out = ms_model(inputs_embeds=ms_embeds, im_mask=ms_mask, output_hidden_states=True)
-    pt_layers, pt_logits = torch_side.prefill(pt_embeds, pt_mask)
-    for i, (ms_h, pt_h) in enumerate(zip(out.hidden_states[1:], pt_layers)):
-        stages.append(compare(f"layer {i}", ms_h, pt_h, key))
-    stages.append(compare("logits", out.logits, pt_logits, key))
+    for i, ms_h in enumerate(out.hidden_states[1:]):
+        stages.append(compare(f"layer {i}", ms_h, pt_stages[f"layer {i}"], key))
+    stages.append(compare("logits", out.logits, pt_stages["logits"], key))
 
     eos = list(XComposer2Processor(tokenizer, cfg).eos_token_ids)
     gen = GenerationConfig(max_new_tokens=steps, do_sample=False, repetition_penalty=1.0, eos_token_id=eos)
@@ -233,7 +267,13 @@ def compare_models(ms_model, torch_side: TorchSide, tokenizer, images: Sequence[
         inputs={"images": images, "query": query, "hd_num": hd if images else None, "steps": steps,
                 "prompt_length": int(ms_mask.shape[1]), "image_tokens": int(ms_mask.sum())},
         tokens={"mindspore": list(ms_tokens), "pytorch": list(pt_tokens)},
+        rerun=torch_side.rerun(images, all_pixels, hd, pieces, tokenizer),
     )
+
+
+def image_suffix(index: int, count: int) -> str:
+    """The stage-name suffix of image `index` of `count` (none for a single image)."""
+    return f" (image {index + 1})" if count > 1 else ""
 
 
 def compare_loaded(ms_model, processor, request: ParityRequest) -> ParityReport:
