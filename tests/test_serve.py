@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -451,5 +452,53 @@ def test_internvl_checkpoint_is_served(tmp_path):
         assert answers == [w.response for w in want]
         with pytest.raises(openai.BadRequestError, match=r"unknown InternVL chat options \['hd_num'\]"):
             ask(client, [{"role": "user", "content": "Hi"}], model="internvl")
+    finally:
+        stop(running)
+
+
+def test_llava_checkpoint_is_served(tmp_path):
+    """A tiny random llava-hf checkpoint (written without torch) served: an image request (also streamed), a
+    system message (LLaVA's `system`) and a text-only turn with a history, each equal to the library's chat with
+    the same arguments, one at a time and then all at once (rows of one decode batch, of different lengths)."""
+    from ms_xcomposer.conversion.convert import convert
+    from ms_xcomposer.models.llava.synthetic import write_random_checkpoint
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    write_random_checkpoint(str(hf_dir))
+    model_dir = str(tmp_path / "llava")
+    convert(str(hf_dir), model_dir)
+    running = launch(model_dir)
+    try:
+        model, processor = load(model_dir)
+        image = os.path.join(DATA, "image_wide.png")
+        history = [("Hi", "Hello there.")]
+        want = [chat_with_ids(model, processor, "Describe this image.", [image], max_new_tokens=MAX_TOKENS),
+                chat_with_ids(model, processor, "Hi", system="Be brief.", max_new_tokens=MAX_TOKENS),
+                chat_with_ids(model, processor, "And now?", history=history, max_new_tokens=MAX_TOKENS)]
+        content = [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                   {"type": "text", "text": "Describe this image."}]
+        requests = [[{"role": "user", "content": content}],
+                    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+                     {"role": "user", "content": "And now?"}]]
+        client = started(running).client()
+        text, _, usage = ask(client, requests[0], model="llava", extra_body={})
+        assert text == want[0].response
+        # usage counts the image's rows: the prompt as the transformers-style processor expands it
+        expanded = np.asarray(processor(images=[Image.open(image)],
+                                        text="USER: <image>\nDescribe this image. ASSISTANT:")["input_ids"])
+        image_rows = int((expanded == model.config.image_token_index).sum())
+        assert image_rows > 1 and usage.prompt_tokens == expanded.shape[-1]
+        assert usage.completion_tokens == len(want[0].ids)
+        assert ask(client, requests[0], stream=True, model="llava", extra_body={})[0] == want[0].response
+        for messages, expected in zip(requests[1:], want[1:]):
+            assert ask(client, messages, model="llava", extra_body={})[0] == expected.response
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda m: ask(started(running).client(), m, model="llava", extra_body={})[0],
+                                    requests))
+        assert answers == [w.response for w in want]
+        with pytest.raises(openai.BadRequestError, match=r"hd_num"):
+            ask(client, [{"role": "user", "content": "Hi"}], model="llava")
     finally:
         stop(running)
