@@ -197,6 +197,28 @@ def compare_tokens(actual: Sequence[int], expected: Sequence[int], margins: Opti
                        not differing, note, rule="identical")
 
 
+def decoder_stages(ms_model, embeds, expected: Mapping[str, object], key: Key, steps: int, eos: Sequence[int],
+                   torch_greedy: Callable[[], Tuple[Sequence[int], Sequence[float]]],
+                   **extras) -> Tuple[List[StageResult], List[int], List[int]]:
+    """The language-model stages every family shares, on the MindSpore prompt embeddings `embeds` against the
+    PyTorch side's `expected` stages: `embeddings`, `layer i` (each decoder layer's output), `logits`, then
+    `greedy tokens`: `steps` greedy steps (repetition penalty 1, stopping at `eos`) against `torch_greedy()` ->
+    (tokens, top-1 - top-2 logit margins). extras: the family's per-token model inputs (XComposer2's im_mask).
+    Returns the stages and the MindSpore and PyTorch tokens."""
+    from ms_xcomposer.generation import GenerationConfig, generate
+
+    stages = [compare("embeddings", embeds, expected["embeddings"], key)]
+    out = ms_model(inputs_embeds=embeds, output_hidden_states=True, **extras)
+    for i, hidden in enumerate(out.hidden_states[1:]):
+        stages.append(compare(f"layer {i}", hidden, expected[f"layer {i}"], key))
+    stages.append(compare("logits", out.logits, expected["logits"], key))
+    gen = GenerationConfig(max_new_tokens=steps, do_sample=False, repetition_penalty=1.0, eos_token_id=list(eos))
+    ms_tokens = [int(t) for t in generate(ms_model, embeds, gen, **extras).ids]
+    pt_tokens, margins = torch_greedy()
+    stages.append(compare_tokens(ms_tokens, pt_tokens, margins))
+    return stages, ms_tokens, [int(t) for t in pt_tokens]
+
+
 # ---- the float64 re-judgement ------------------------------------------------------------------------------------
 @dataclass
 class TorchRerun:

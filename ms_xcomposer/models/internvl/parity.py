@@ -31,8 +31,8 @@ import numpy as np
 from mindspore import Tensor
 
 from ms_xcomposer.parity import (ParityError, ParityReport, ParityRequest, StageResult, TorchRerun,
-                                 call_with_layer_outputs, compare, compare_tokens, greedy_margins, mode_name,
-                                 remote_code_files, tolerance_key, torch_numpy)
+                                 call_with_layer_outputs, compare, compare_tokens, decoder_stages, greedy_margins,
+                                 mode_name, remote_code_files, tolerance_key, torch_numpy)
 
 
 def image_stage_names(num_layers_run: int) -> List[str]:
@@ -108,7 +108,6 @@ def compare_loaded(ms_model, processor, request: ParityRequest) -> ParityReport:
     """The family's parity hook: the reference of `request.hf_dir` against the loaded `ms_model` and its
     `processor`, stage by stage (see the module doc). The report carries the reference's rerun in another dtype
     (`ms_xcomposer.parity.rejudge_against_float64`)."""
-    from ms_xcomposer.generation import GenerationConfig, generate
     from ms_xcomposer.models.internvl.processor import DEFAULT_MAX_NUM, InternVLProcessor
     from ms_xcomposer.models.internvl.projector import vit_tokens
     from ms_xcomposer.tokenizer import InternLM2Tokenizer
@@ -149,18 +148,10 @@ def compare_loaded(ms_model, processor, request: ParityRequest) -> ParityReport:
         stages.append(compare("mlp1", ms_model.extract_feature(pixels), pt["mlp1"], key))
 
     stages.append(compare_tokens(ours.input_ids, pt_ids, stage="prompt ids"))
-    embeds = ours.inputs_embeds
-    stages.append(compare("embeddings", embeds, pt["embeddings"], key))
-    out = ms_model(inputs_embeds=embeds, output_hidden_states=True)
-    for i, ms_h in enumerate(out.hidden_states[1:]):
-        stages.append(compare(f"layer {i}", ms_h, pt[f"layer {i}"], key))
-    stages.append(compare("logits", out.logits, pt["logits"], key))
-
     eos = list(processor.eos_token_ids)
-    gen = GenerationConfig(max_new_tokens=request.steps, do_sample=False, repetition_penalty=1.0, eos_token_id=eos)
-    ms_tokens = generate(ms_model, embeds, gen).ids
-    pt_tokens, margins = torch_side.greedy(pt_embeds, request.steps, eos)
-    stages.append(compare_tokens(ms_tokens, pt_tokens, margins))
+    lm_stages, ms_tokens, pt_tokens = decoder_stages(ms_model, ours.inputs_embeds, pt, key, request.steps, eos,
+                                                     lambda: torch_side.greedy(pt_embeds, request.steps, eos))
+    stages += lm_stages
     ids = np.asarray(ours.input_ids)
     return ParityReport(
         stages=stages, torch_side=torch_side.description, tolerance_key=key, mode=mode_name(),

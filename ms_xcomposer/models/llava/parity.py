@@ -33,8 +33,8 @@ import numpy as np
 from mindspore import Tensor
 
 from ms_xcomposer.parity import (ParityError, ParityReport, ParityRequest, StageResult, TorchRerun,
-                                 call_with_layer_outputs, compare, compare_tokens, forward_hooks, greedy_margins,
-                                 mode_name, remote_code_files, tolerance_key, torch_numpy)
+                                 call_with_layer_outputs, compare, compare_tokens, decoder_stages, forward_hooks,
+                                 greedy_margins, mode_name, remote_code_files, tolerance_key, torch_numpy)
 
 
 class LlavaTorchSide:
@@ -132,7 +132,6 @@ class LlavaTorchSide:
 def compare_loaded(ms_model, processor, request: ParityRequest) -> ParityReport:
     """The family's parity hook: transformers' model and processor of `request.hf_dir` against the loaded
     `ms_model` and its `processor`, stage by stage (see the module doc)."""
-    from ms_xcomposer.generation import GenerationConfig, generate
     from ms_xcomposer.models.llava.prompt import IMAGE_TOKEN, conversation_text
 
     request.refuse_options("llava")
@@ -158,17 +157,10 @@ def compare_loaded(ms_model, processor, request: ParityRequest) -> ParityReport:
         stages.append(compare(name, selected, pt[name], key))
         stages.append(compare("projector", ms_model.get_image_features(pixels), pt["projector"], key))
     embeds = ms_model.get_inputs_embeds(ids.astype(np.int32), ours.get("pixel_values"))
-    stages.append(compare("embeddings", embeds, pt["embeddings"], key))
-    out = ms_model(inputs_embeds=embeds, output_hidden_states=True)
-    for i, ms_h in enumerate(out.hidden_states[1:]):
-        stages.append(compare(f"layer {i}", ms_h, pt[f"layer {i}"], key))
-    stages.append(compare("logits", out.logits, pt["logits"], key))
-
     eos = list(processor.eos_token_ids)
-    gen = GenerationConfig(max_new_tokens=request.steps, do_sample=False, repetition_penalty=1.0, eos_token_id=eos)
-    ms_tokens = generate(ms_model, embeds, gen, prompt_ids=ids[0].tolist()).ids
-    pt_tokens, margins = torch_side.greedy(theirs, request.steps, eos)
-    stages.append(compare_tokens(ms_tokens, pt_tokens, margins))
+    lm_stages, ms_tokens, pt_tokens = decoder_stages(ms_model, embeds, pt, key, request.steps, eos,
+                                                     lambda: torch_side.greedy(theirs, request.steps, eos))
+    stages += lm_stages
     return ParityReport(
         stages=stages, torch_side=torch_side.description, tolerance_key=key, mode=mode_name(),
         inputs={"images": images, "query": request.query, "steps": request.steps, "prompt_length": int(ids.shape[1]),

@@ -32,10 +32,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from mindspore import Tensor
 
-from ms_xcomposer.parity import (DEFAULT_QUERY, DEFAULT_STEPS, ParityError, ParityReport, ParityRequest,
-                                 StageResult, TorchRerun, call_with_layer_outputs, check_images_and_steps, compare,
-                                 compare_tokens, first_tensor, forward_hooks, greedy_margins, mode_name,
-                                 remote_code_files, tolerance_key, torch_numpy, uses_remote_code)
+from ms_xcomposer.parity import (DEFAULT_QUERY, DEFAULT_STEPS, ParityError, ParityReport, ParityRequest, StageResult,
+                                 TorchRerun, call_with_layer_outputs, check_images_and_steps, compare, decoder_stages,
+                                 first_tensor, forward_hooks, greedy_margins, mode_name, remote_code_files,
+                                 tolerance_key, torch_numpy, uses_remote_code)
 
 IMAGE_STAGES = ("pixels", "vit input", "vision tower", "assembled tokens", "projector")
 
@@ -203,7 +203,6 @@ def compare_models(ms_model, torch_side: TorchSide, tokenizer, images: Sequence[
     the variant's rule); steps: greedy steps compared.
     """
     from ms_xcomposer.models.xcomposer2.processor import XComposer2Processor
-    from ms_xcomposer.generation import GenerationConfig, generate
     from ms_xcomposer.models.xcomposer2.processing import preprocess
     from ms_xcomposer.models.xcomposer2.prompt import ImageSlot, build_chat_prompt, effective_hd_num
 
@@ -248,18 +247,11 @@ def compare_models(ms_model, torch_side: TorchSide, tokenizer, images: Sequence[
             ms_parts.append(ms_model.embed_tokens(np.asarray([ids], np.int32)).asnumpy().astype(np.float32))
         ms_masks.append(np.full(ms_parts[-1].shape[1], isinstance(piece, ImageSlot)))
     ms_embeds, ms_mask = np.concatenate(ms_parts, axis=1), np.concatenate(ms_masks)[None]
-    stages.append(compare("embeddings", ms_embeds, pt_stages["embeddings"], key))
-
-    out = ms_model(inputs_embeds=ms_embeds, im_mask=ms_mask, output_hidden_states=True)
-    for i, ms_h in enumerate(out.hidden_states[1:]):
-        stages.append(compare(f"layer {i}", ms_h, pt_stages[f"layer {i}"], key))
-    stages.append(compare("logits", out.logits, pt_stages["logits"], key))
-
-    eos = list(XComposer2Processor(tokenizer, cfg).eos_token_ids)
-    gen = GenerationConfig(max_new_tokens=steps, do_sample=False, repetition_penalty=1.0, eos_token_id=eos)
-    ms_tokens = generate(ms_model, ms_embeds, gen, im_mask=ms_mask).ids
-    pt_tokens, margins = torch_side.greedy(pt_embeds, pt_mask, steps, eos)
-    stages.append(compare_tokens(ms_tokens, pt_tokens, margins))
+    eos = XComposer2Processor(tokenizer, cfg).eos_token_ids
+    lm_stages, ms_tokens, pt_tokens = decoder_stages(
+        ms_model, ms_embeds, pt_stages, key, steps, eos, lambda: torch_side.greedy(pt_embeds, pt_mask, steps, eos),
+        im_mask=ms_mask)
+    stages += lm_stages
 
     return ParityReport(
         stages=stages, torch_side=torch_side.description, tolerance_key=key,
