@@ -7,8 +7,8 @@ class and time them. On a fresh model (tiny and mid configs of `bench_e2e.py`, r
 1. a chat turn with one image (hd_num 4) and 64 greedy new tokens (`max_new_tokens=64`; stop ids may end it
    earlier with random weights: the count is shown): the cold start;
 2. the same turn again: nothing may compile;
-3. a turn with another image size and a longer query: only a new tile grid may add a vision graph, the
-   language model's graphs (dynamic sequence and cache dimensions) are reused.
+3. a turn with another image size and a longer query: nothing may compile (the vision pieces and the language
+   model's graphs have dynamic dimensions).
 Writes the `compile` section of docs/performance.md.
 
     python benchmarks/bench_compile.py          # ~3 min on 2 cores
@@ -116,10 +116,12 @@ def main() -> int:
         body = "\n\n".join([
             "## GRAPH compilation (`python benchmarks/bench_compile.py`)",
             "Counts every compilation through MindSpore's graph executor (any Cell), on a fresh model per config, "
-            "IXC-2.5 chat turns, greedy. `_LLMStep` graphs have dynamic sequence and cache dimensions: one with "
-            "PLoRA (prefill with image rows) and one without (decode steps, text-only prefill) serve every length; "
-            "`_VisionEncode` compiles once per tile grid (static shapes); `_EmbedTokens` is the token-embedding "
-            "piece the prompt builder and each decode step call (dynamic length).\n\nMachine: " + _report.machine_line(load_before),
+            "IXC-2.5 chat turns, greedy. `DecoderStep` graphs have dynamic batch, sequence and cache dimensions: "
+            "one with PLoRA (prefill with image rows) and one without (decode steps, text-only prefill) serve every "
+            "length; `_ViTGroup` runs the HD views in groups (the view count dynamic) and `_VisionProject` takes "
+            "any number of image tokens, so a new tile grid compiles nothing; `EmbedTokens` is the token-embedding "
+            "piece the prompt builder and each decode step call (dynamic length; the mid config compiled it twice "
+            "on 2026-12-07, cause not investigated).\n\nMachine: " + _report.machine_line(load_before),
             main_table, check_table,
         ])
         print("wrote", _report.write_section("compile", body))
