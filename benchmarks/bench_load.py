@@ -195,6 +195,12 @@ touched (16 MB blocks); in the load it writes 6.7 GB of freshly allocated memory
 touch of new pages is what costs: 3 GiB first-touched in 0.8 to 14 s from one run to the next (numpy arrays,
 the same script), the same 0.45 GB/s the upcast shows. The bf16 rows touch half as much new memory and the
 converter almost none (it maps its input and writes a file), so the fp32 rows' ratio moves with the VM.
+Tried against that (2026-12-07, load average 1-3), none of them a reliable gain: filling 3 GiB of fresh fp32
+memory from bf16 bits took 0.74 / 6.4 s as numpy allocates it (transparent huge pages), 2.0 / 2.0 s with numpy's
+huge-page advice off, 2.4 / 3.0 s pre-faulted with MADV_POPULATE_WRITE, 2.8 / 4.1 s with two threads; converting
+straight from memory maps of the shards instead of through the 16 MB read buffer loaded fp32 in 9.7 / 10.8 /
+12.2 s (ckpt / safetensors / bin, best of 3) against 15.0 / 11.1 / 12.0 s for the buffered read in the next run,
+with a higher peak (7.9 GB: the mapped pages count), so the buffered read stays.
 
 Before (issue 10, 4 decoder layers, 4.09 GB bf16): 47 s with dtype="bfloat16" (0.09 GB/s, peak 6.7 GB), 79 s
 with the fp32 upcast (peak 11.8 GB); the converter 0.48 GB/s.
