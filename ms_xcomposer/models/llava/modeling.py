@@ -169,7 +169,7 @@ class LlavaForConditionalGeneration(CausalLM):
         generation_config.json). The repetition penalty counts each row's ids, padding included, as
         transformers' `input_ids` do.
         """
-        from ms_xcomposer.batching import DecodeBatch, Row
+        from ms_xcomposer.batching import Row, run_to_completion
         from ms_xcomposer.conversation import PreparedInputs
         from ms_xcomposer.generation import GenerationConfig, generate
 
@@ -188,13 +188,7 @@ class LlavaForConditionalGeneration(CausalLM):
             new = [generate(self, r.inputs_embeds, cfg, prompt_ids=r.penalty_ids).ids for r in rows]
         else:
             batch_rows = [Row(r, cfg) for r in rows]
-            batch = DecodeBatch(self)
-            batch.join(batch_rows)
-            while len(batch):
-                batch.step()
-            for row in batch_rows:
-                if row.error is not None:
-                    raise row.error
+            run_to_completion(self, batch_rows)
             new = [row.output.ids for row in batch_rows]
         # without an EOS every row runs to max_new_tokens and nothing is filled
         fill = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
