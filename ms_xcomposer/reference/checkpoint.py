@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, Iterator, List, Mapping, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
 
 import torch
 
@@ -83,6 +83,23 @@ def read_config(path: str) -> XComposerConfig:
     if "ms_xcomposer" in hf_config:
         return XComposerConfig.from_dict(hf_config["ms_xcomposer"])
     return XComposerConfig.from_hf(hf_config, tensor_shapes(path))
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def config_and_shards(path_or_state: Union[str, os.PathLike, Mapping[str, torch.Tensor]], config: Optional[ConfigT],
+                      read_config_of: Callable[[str], ConfigT],
+                      config_name: str) -> Tuple[ConfigT, Iterator[Dict[str, torch.Tensor]]]:
+    """What a reference `from_pretrained` loads: an HF directory (its config read by `read_config_of` unless
+    `config` is given; its shards one at a time) or a {HF key: tensor} state dict (which needs `config`, a
+    `config_name`)."""
+    if isinstance(path_or_state, Mapping):
+        if config is None:
+            raise ValueError(f"a state dict needs an explicit {config_name}")
+        return config, iter([dict(path_or_state)])
+    path = os.fspath(path_or_state)
+    return (config if config is not None else read_config_of(path)), iter_shards(path)
 
 
 def load_state(model: torch.nn.Module, shards: Iterable[Mapping[str, torch.Tensor]], dtype: torch.dtype) -> None:

@@ -25,7 +25,7 @@ from transformers import PretrainedConfig
 from ms_xcomposer.config import LLMConfig
 from ms_xcomposer.models.internvl.config import InternVLConfig
 from ms_xcomposer.reference.causal_lm import InternLM2CausalLM, generation_fields, llm_shape_fields
-from ms_xcomposer.reference.checkpoint import iter_shards, load_state
+from ms_xcomposer.reference.checkpoint import config_and_shards, load_state
 from ms_xcomposer.reference.internlm2 import DecoderSpec, InternLM2Model
 from ms_xcomposer.reference.internvit import InternVisionModel, mlp1, shuffled_tokens
 
@@ -113,14 +113,7 @@ class ReferenceInternVL(nn.Module):
                         dtype: torch.dtype = torch.float32) -> "ReferenceInternVL":
         """Load an HF InternVL directory (config.json + safetensors or `.bin`) or a {HF key: tensor} state dict
         (which needs `config`); tensors cast to `dtype`. Missing, unexpected or misshaped keys raise ValueError."""
-        if isinstance(path_or_state, Mapping):
-            if config is None:
-                raise ValueError("a state dict needs an explicit InternVLConfig")
-            shards = iter([dict(path_or_state)])
-        else:
-            path = os.fspath(path_or_state)
-            config = config if config is not None else InternVLConfig.from_file(path)
-            shards = iter_shards(path)
+        config, shards = config_and_shards(path_or_state, config, InternVLConfig.from_file, "InternVLConfig")
         with torch.device("meta"):
             model = cls(config)
         load_state(model, shards, dtype)

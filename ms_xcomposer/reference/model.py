@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 from ms_xcomposer.models.xcomposer2.config import INFER_MODES, XComposerConfig
 from ms_xcomposer.reference.causal_lm import InternLM2CausalLM, generation_fields, llm_shape_fields
-from ms_xcomposer.reference.checkpoint import iter_shards, load_state, read_config
+from ms_xcomposer.reference.checkpoint import config_and_shards, load_state, read_config
 from ms_xcomposer.reference.internlm2 import InternLM2Model, PLoRALinear
 from ms_xcomposer.reference.vision import VisionTower, assemble_hd, merge_2x2, split_views
 
@@ -71,14 +71,7 @@ class ReferenceXComposer2(InternLM2CausalLM):
         needs it. Tensors are cast to `dtype` (bf16 checkpoints are upcast to float32 by default). Missing,
         unexpected or wrongly shaped keys raise ValueError; `rotary_emb.inv_freq` buffers are ignored.
         """
-        if isinstance(path_or_state, Mapping):
-            if config is None:
-                raise ValueError("a state dict needs an explicit XComposerConfig")
-            shards = iter([dict(path_or_state)])
-        else:
-            path = os.fspath(path_or_state)
-            config = config if config is not None else read_config(path)
-            shards = iter_shards(path)
+        config, shards = config_and_shards(path_or_state, config, read_config, "XComposerConfig")
         with torch.device("meta"):
             model = cls(ReferenceConfig(config.to_dict()))
         load_state(model, shards, dtype)
